@@ -1,0 +1,45 @@
+# sem-cls: `make demo` trains on built-in data; `make test` runs the tests. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Rebuilt when requirements change: the stamp is older than them.
+STAMP := $(VENV)/.installed-requirements
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo train test lint format ui clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -c requirements.lock
+	touch $@
+
+venv: $(STAMP)  ## create or update .venv from requirements.txt
+
+demo: $(STAMP)  ## train and test on the built-in SEM-like data, tracked in MLflow
+	$(PY) train.py experiment=demo
+
+train: $(STAMP)  ## train with the default config (InceptionV3 on data/nffa); ARGS="..." for overrides
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)  ## lint, then the test suite
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)  ## ruff format and autofix
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+ui: $(STAMP)  ## the MLflow UI for this project's runs, on http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
+		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db
+
+clean:  ## remove outputs, keep data, mlruns and .venv
+	rm -rf logs .pytest_cache

@@ -1,0 +1,90 @@
+"""Evaluate a checkpoint on the test split of a data config; log the reports to MLflow.
+
+    python eval.py ckpt_path=logs/train/runs/<time>/checkpoints/epoch_004.ckpt
+    python eval.py ckpt_path=... data=synthetic        # the data the demo trained on
+
+The results go to a new MLflow run tagged with the training run it evaluates.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from sem_cls.errors import UserError  # noqa: E402
+from sem_cls.models.classifier import SEMClassifier  # noqa: E402
+from sem_cls.runner import exits_on_user_error, instantiate_group, print_summary  # noqa: E402
+from sem_cls.tracking import mlflow_loggers  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(path: Path) -> tuple[SEMClassifier, dict]:
+    """The classifier and the raw checkpoint; loads tensors and plain data only, never code."""
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path} does not exist. Point it at a .ckpt file from training.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint["hyper_parameters"]["class_names"]
+    except Exception as err:  # noqa: BLE001 -- any failure here means "not our checkpoint"
+        raise UserError(
+            f"ckpt_path={path} is not a sem-cls checkpoint ({type(err).__name__}: {err})."
+        ) from err
+    # The checkpoint holds every weight; fetching ImageNet weights first would be wasted.
+    model = SEMClassifier.load_from_checkpoint(
+        path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None
+    )
+    return model, checkpoint
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    model, checkpoint = load_checkpoint(Path(cfg.ckpt_path))
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    if datamodule.class_names != model.class_names:
+        raise UserError(
+            f"The checkpoint knows classes {model.class_names}, but {datamodule.data_dir} holds "
+            f"{datamodule.class_names}. Evaluate on data with the same class folders."
+        )
+    trained_split = checkpoint.get(type(datamodule).__qualname__, {}).get("split_fingerprint")
+    if trained_split and trained_split != datamodule.split_fingerprint():
+        log.warning(
+            "This split differs from the one the checkpoint was trained with (other data or "
+            "seed): test images may have been seen in training."
+        )
+    datamodule.data_config = model.data_config
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+    )
+    for logger in mlflow_loggers(trainer.loggers):
+        tags = {
+            "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+            "data_dir": str(datamodule.data_dir),
+        }
+        if "mlflow_run_id" in checkpoint:
+            tags["evaluated_run_id"] = checkpoint["mlflow_run_id"]
+        for key, value in tags.items():
+            logger.experiment.set_tag(logger.run_id, key, value)
+    trainer.test(model, datamodule=datamodule)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    print_summary(trainer.loggers, metrics, cfg)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@exits_on_user_error
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""sem-cls: train, evaluate and apply classifiers for scanning-electron-microscope images."""

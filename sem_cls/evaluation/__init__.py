@@ -1,0 +1,1 @@
+"""Evaluation reports: confusion matrices and per-class scores."""

@@ -1,0 +1,1 @@
+"""Models: timm backbones with their weights, and the Lightning classifier around them."""

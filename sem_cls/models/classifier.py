@@ -1,0 +1,144 @@
+"""SEMClassifier: a timm backbone, frozen by default, with a new linear head (a LightningModule)."""
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.loggers import MLFlowLogger
+from timm.data import resolve_model_data_config
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from sem_cls.models import backbones
+
+
+class SEMClassifier(LightningModule):
+    """Backbone features -> linear head -> class logits; cross-entropy, Adam by default.
+
+    With `freeze=True` the backbone is a fixed feature extractor: no gradients, BatchNorm in
+    inference mode with its statistics frozen, so only the head learns.
+    """
+
+    def __init__(
+        self,
+        class_names: list[str],
+        backbone: str = "inception_v3",
+        pretrained: bool = True,
+        weights_file: str | None = None,
+        freeze: bool = True,
+        optimizer=None,
+    ):
+        super().__init__()
+        # The optimizer factory is rebuilt from config, not pickled into checkpoints.
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.class_names = list(class_names)
+        self.optimizer_factory = optimizer
+        self.backbone = backbones.create_backbone(backbone, pretrained, weights_file)
+        if freeze:
+            backbones.freeze(self.backbone)
+        self.frozen = freeze
+        num_classes = len(self.class_names)
+        self.head = nn.Linear(self.backbone.num_features, num_classes)
+        # Linear-probe init: small weights, zero bias.
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+        def accuracy(top_k=1):
+            return MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
+        self.test_acc_top3 = accuracy(top_k=min(3, num_classes))
+        self.val_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.test_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.val_acc_best = MaxMetric()
+        # Predictions of the current evaluation pass, for confusion matrix and report.
+        self.eval_targets, self.eval_preds = CatMetric(), CatMetric()
+
+    @property
+    def data_config(self) -> dict:
+        """Input size, mean/std and interpolation the backbone was trained with."""
+        return resolve_model_data_config(self.backbone)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            # Dropout and stochastic depth inside a frozen backbone stay off while the head trains.
+            self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                features = self.backbone(images)  # (B, 3, H, W) -> (B, num_features)
+        else:
+            features = self.backbone(images)
+        return self.head(features)  # (B, num_features) -> (B, num_classes)
+
+    def _step(self, batch):
+        images, targets = batch
+        logits = self(images)
+        return F.cross_entropy(logits, targets), logits, targets
+
+    def training_step(self, batch, batch_idx):
+        loss, logits, targets = self._step(batch)
+        self.train_loss(loss)
+        self.train_acc(logits, targets)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self):
+        self.eval_targets.reset()
+        self.eval_preds.reset()
+
+    def validation_step(self, batch, batch_idx):
+        loss, logits, targets = self._step(batch)
+        self.val_loss(loss)
+        self.val_acc(logits, targets)
+        self.val_f1(logits, targets)
+        self.eval_targets.update(targets)
+        self.eval_preds.update(logits.argmax(dim=1))
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/f1_macro", self.val_f1, on_step=False, on_epoch=True)
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def on_test_epoch_start(self):
+        self.eval_targets.reset()
+        self.eval_preds.reset()
+
+    def test_step(self, batch, batch_idx):
+        loss, logits, targets = self._step(batch)
+        self.test_loss(loss)
+        self.test_acc(logits, targets)
+        self.test_acc_top3(logits, targets)
+        self.test_f1(logits, targets)
+        self.eval_targets.update(targets)
+        self.eval_preds.update(logits.argmax(dim=1))
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.log("test/acc_top3", self.test_acc_top3, on_step=False, on_epoch=True)
+        self.log("test/f1_macro", self.test_f1, on_step=False, on_epoch=True)
+
+    def predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets, predicted classes) of the last validation or test pass."""
+        return self.eval_targets.compute().long(), self.eval_preds.compute().long()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lets eval.py link its results to the training run.
+        for logger in self.loggers:
+            if isinstance(logger, MLFlowLogger):
+                checkpoint["mlflow_run_id"] = logger.run_id
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise RuntimeError("SEMClassifier needs an optimizer factory to train.")
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return self.optimizer_factory(params=trainable)
