@@ -1,0 +1,1 @@
+"""Data: the folder layout, the built-in SEM-like set, info-bar cropping, splits."""
