@@ -24,6 +24,13 @@ def instantiate_group(group: DictConfig | None) -> list:
     ]
 
 
+def _user_error_in(err: BaseException | None) -> UserError | None:
+    """The UserError behind `err`; hydra.utils.instantiate wraps what a constructor raises."""
+    while err is not None and not isinstance(err, UserError):
+        err = err.__cause__
+    return err
+
+
 def exits_on_user_error(task):
     """A UserError ends the program with its message and exit code 2, not a traceback."""
 
@@ -31,9 +38,12 @@ def exits_on_user_error(task):
     def wrapper(cfg: DictConfig):
         try:
             return task(cfg)
-        except UserError as err:
+        except Exception as err:
+            user_error = _user_error_in(err)
+            if user_error is None:
+                raise
             log.debug("User error", exc_info=True)
-            print(f"\nError: {err}", file=sys.stderr)
+            print(f"\nError: {user_error}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

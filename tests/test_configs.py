@@ -1,0 +1,68 @@
+"""Every config group option and experiment composes, and its objects can be built."""
+
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from lightning import Trainer
+
+from sem_cls.runner import instantiate_group
+from tests.conftest import ROOT, compose_config
+
+
+@pytest.fixture(scope="module")
+def shared_mlruns(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mlruns")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [f"{group}={name}"]
+        for group in ("data", "trainer", "callbacks", "logger", "debug")
+        for name in options(group)
+    ]
+    + [[f"experiment={name}"] for name in options("experiment")],
+    ids=lambda overrides: overrides[0],
+)
+def test_train_config_composes_and_instantiates(overrides, tmp_path, shared_mlruns):
+    # One MLflow database for all: creating its tables costs seconds.
+    cfg = compose_config("train", tmp_path, [*overrides, f"paths.mlruns_dir={shared_mlruns}"])
+    hydra.utils.instantiate(cfg.data)
+    instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip("no GPU here to build a GPU trainer")
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False)
+    assert isinstance(trainer, Trainer)
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_configs_instantiate(model, tmp_path):
+    # Random weights for models whose ImageNet weights live on the hub, unreachable in tests.
+    cfg = compose_config("train", tmp_path, [f"model={model}"])
+    pretrained = cfg.model.weights_file is not None
+    classifier = hydra.utils.instantiate(
+        cfg.model, class_names=["a", "b", "c"], pretrained=pretrained, _convert_="all"
+    )
+    logits = classifier(torch.zeros(2, *classifier.data_config["input_size"]))
+    assert logits.shape == (2, 3)
+
+
+def test_default_is_frozen_pretrained_inception_on_nffa(tmp_path):
+    cfg = compose_config("train", tmp_path)
+    assert cfg.model.backbone == "inception_v3"
+    assert cfg.model.pretrained and cfg.model.freeze
+    assert Path(cfg.data.data_dir) == ROOT / "data" / "nffa"
+    assert cfg.logger.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'mlruns'}/mlflow.db"
+
+
+def test_eval_config_composes(tmp_path):
+    cfg = compose_config("eval", tmp_path, ["ckpt_path=some.ckpt", "data=synthetic"])
+    assert cfg.ckpt_path == "some.ckpt"
+    hydra.utils.instantiate(cfg.data)

@@ -1,0 +1,76 @@
+"""The data module's split and the info-bar crop."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sem_cls.data.datamodule import SEMDataModule, stratified_split
+from sem_cls.data.infobar import InfoBarCrop
+from sem_cls.data.synthetic import CLASSES, render_image
+from sem_cls.errors import DataNotFoundError, UserError
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "sem-real"
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+    labels = [c for c in range(4) for _ in range(20)]
+    split = stratified_split(labels, (0.5, 0.25, 0.25), seed=1)
+    assert sorted(split["train"] + split["val"] + split["test"]) == list(range(80))
+    for name, size in (("train", 10), ("val", 5), ("test", 5)):
+        counts = np.bincount([labels[i] for i in split[name]], minlength=4)
+        assert counts.tolist() == [size] * 4, name
+    assert split == stratified_split(labels, (0.5, 0.25, 0.25), seed=1)
+    assert split != stratified_split(labels, (0.5, 0.25, 0.25), seed=2)
+
+
+def test_split_too_small_for_the_classes_is_a_clear_error():
+    with pytest.raises(UserError, match="Add images to the smallest classes"):
+        stratified_split([0, 0, 1, 1], (0.7, 0.15, 0.15), seed=0)
+
+
+def test_datamodule_reads_the_folder_layout(tiny_sem_dir):
+    datamodule = SEMDataModule(str(tiny_sem_dir), seed=3)
+    assert datamodule.class_names == sorted(CLASSES)
+    total = sum(len(items) for items in datamodule.splits.values())
+    assert total == len(list(tiny_sem_dir.glob("*/*.jpg")))
+    again = SEMDataModule(str(tiny_sem_dir), seed=3)
+    assert again.split_fingerprint() == datamodule.split_fingerprint()
+    assert SEMDataModule(str(tiny_sem_dir), seed=4).split_fingerprint() != again.split_fingerprint()
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "Particles").mkdir()
+    with pytest.raises(DataNotFoundError, match="holds no <Class>/ folders with images"):
+        SEMDataModule(str(tmp_path)).class_names  # noqa: B018
+
+
+@pytest.mark.parametrize("kind", ["bright", "dark"])
+def test_generated_info_bar_is_cropped(kind):
+    image = render_image("Particles", np.random.default_rng(0), info_bar=kind)
+    assert InfoBarCrop("auto").crop_box(image) == (0, 0, 1024, 768 - 60)
+
+
+def test_image_without_bar_is_not_cropped():
+    image = render_image("Particles", np.random.default_rng(0), info_bar=None)
+    assert InfoBarCrop("auto").crop_box(image) == (0, 0, 1024, 768)
+
+
+def test_fixed_and_no_crop_modes():
+    image = Image.new("RGB", (100, 80))
+    assert InfoBarCrop(10)(image).size == (100, 70)
+    assert InfoBarCrop("none")(image).size == (100, 80)
+    with pytest.raises(ValueError, match="'top'"):
+        InfoBarCrop("top")
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="shared real SEM images not present")
+def test_real_sem_bars_are_cropped_and_clean_images_kept():
+    crop = InfoBarCrop("auto")
+    with Image.open(REAL / "Nanowires" / "L6_0a6f18702a4a32677c74ed390f3af7af.jpg") as image:
+        # This NFFA image's white bar starts at row 630.
+        assert abs(crop.crop_box(image)[3] - 630) <= 3
+    for path in sorted((REAL / "external" / "Nanowires").glob("*.png")):
+        with Image.open(path) as image:
+            assert crop.crop_box(image) == (0, 0, *image.size), path.name

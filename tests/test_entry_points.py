@@ -1,0 +1,51 @@
+"""train.py and eval.py as a user runs them: user errors end in one clear message."""
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def run(script: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / script),
+            f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr[-2000:]
+
+
+def test_missing_data_says_where_to_put_it_and_how_to_run_the_demo(tmp_path):
+    result = run("train.py", f"data.data_dir={tmp_path / 'no_such_dir'}", tmp_path=tmp_path)
+    assert_user_error(result, str(tmp_path / "no_such_dir"), "<Class>/*.jpg", "make demo")
+
+
+def test_unavailable_pretrained_weights_stop_the_run(tiny_sem_dir, tmp_path):
+    result = run("train.py", f"data.data_dir={tiny_sem_dir}", tmp_path=tmp_path)
+    assert_user_error(result, "inception_v3", "model.weights_file", "model.pretrained=false")
+    # Nothing trained on random weights, and no run was opened for it.
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    bogus = tmp_path / "model.ckpt"
+    bogus.write_text("not a checkpoint")
+    result = run("eval.py", f"ckpt_path={bogus}", tmp_path=tmp_path)
+    assert_user_error(result, str(bogus), "not a sem-cls checkpoint")

