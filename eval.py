@@ -60,6 +60,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "seed): test images may have been seen in training."
         )
     datamodule.data_config = model.data_config
+    if model.frozen:
+        datamodule.frozen_backbone = model.backbone
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=instantiate_group(cfg.get("callbacks")),

@@ -32,6 +32,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     model = hydra.utils.instantiate(cfg.model, class_names=datamodule.class_names, _convert_="all")
     datamodule.data_config = model.data_config
+    if model.frozen:
+        datamodule.frozen_backbone = model.backbone
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=instantiate_group(cfg.get("callbacks")),

@@ -34,6 +34,7 @@ def compose_config(name: str, work_dir: Path, overrides: list[str] = ()):
                 f"paths.output_dir={work_dir / 'output'}",
                 f"paths.mlruns_dir={work_dir / 'mlruns'}",
                 f"paths.log_dir={work_dir / 'logs'}",
+                f"paths.cache_dir={work_dir / 'cache'}",
                 *overrides,
             ],
         )

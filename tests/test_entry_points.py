@@ -15,6 +15,7 @@ def run(script: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
             str(ROOT / script),
             f"paths.mlruns_dir={tmp_path / 'mlruns'}",
             f"paths.log_dir={tmp_path / 'logs'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
             *overrides,
         ],
         capture_output=True,

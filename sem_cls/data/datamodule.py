@@ -5,13 +5,16 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import timm.data
+import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.errors import DataNotFoundError, UserError
+from sem_cls.models.feature_cache import FeatureCache, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +68,19 @@ def stratified_split(
 
 
 class SEMImageDataset(Dataset):
-    """Reads an image, crops the info bar, applies the backbone's transform; returns (x, label)."""
+    """Reads an image, crops the info bar, applies the backbone's transform; returns (x, label).
 
-    def __init__(self, samples: list[tuple[Path, int]], info_bar: InfoBarCrop, transform):
+    JPEGs are decoded at the smallest power-of-two reduction that keeps `min_side` pixels, which
+    is several times cheaper than decoding 1024x768 and resizing away most of it.
+    """
+
+    def __init__(
+        self, samples: list[tuple[Path, int]], info_bar: InfoBarCrop, transform, min_side: int = 0
+    ):
         self.samples = samples
         self.info_bar = info_bar
         self.transform = transform
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -78,15 +88,33 @@ class SEMImageDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         with Image.open(path) as image:
+            if self.min_side:
+                image.draft("RGB", (self.min_side, self.min_side))
             image = self.info_bar(image.convert("RGB"))
         return self.transform(image), label
+
+
+class FeatureDataset(Dataset):
+    """(features, label) pairs from a memory-mapped (N, num_features) matrix."""
+
+    def __init__(self, features: np.ndarray, labels: list[int]):
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return torch.from_numpy(np.array(self.features[index])), self.labels[index]
 
 
 class SEMDataModule(L.LightningDataModule):
     """Folder of `<Class>/` images -> deterministic stratified split -> DataLoaders.
 
     The transform follows the backbone's own data config (input size, mean/std,
-    interpolation), set through `data_config` before `setup`.
+    interpolation), set through `data_config` before `setup`. With a frozen backbone set in
+    `frozen_backbone` and `cache_features`, batches are its cached features, (B, num_features),
+    instead of images.
     """
 
     def __init__(
@@ -97,6 +125,9 @@ class SEMDataModule(L.LightningDataModule):
         info_bar: str | int = "auto",
         batch_size: int = 32,
         num_workers: int = 2,
+        cache_features: bool = True,
+        cache_dir: str | None = None,
+        bf16: bool = True,
         synthetic: dict | None = None,
         missing_hint: str = "",
     ):
@@ -107,9 +138,15 @@ class SEMDataModule(L.LightningDataModule):
         self.info_bar = InfoBarCrop(info_bar)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.cache_features = cache_features
+        self.feature_cache = FeatureCache(cache_dir) if cache_dir else None
+        self.bf16 = bf16
         self.synthetic = synthetic
         self.missing_hint = missing_hint
         self.data_config: dict | None = None
+        # Set to the backbone when it is frozen: batches are then its cached features.
+        self.frozen_backbone: torch.nn.Module | None = None
+        self.features: dict[str, np.ndarray] = {}
         self.splits: dict[str, list[tuple[Path, int]]] = {}
         self._class_names: list[str] | None = None
 
@@ -173,10 +210,45 @@ class SEMDataModule(L.LightningDataModule):
         self.class_names  # noqa: B018 -- scans on first use
         # Frozen-backbone baseline: the evaluation transform (resize + centre crop) for every split.
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
+        # The transform resizes the short side to input/crop_pct; a margin covers the info bar.
+        resized_side = self.data_config["input_size"][-1] / self.data_config["crop_pct"]
+        self.decode_side = int(resized_side * 1.25)
+        self.use_cache = bool(
+            self.frozen_backbone is not None and self.cache_features and self.feature_cache
+        )
+        if not self.use_cache:
+            log.info("Feature cache off: the backbone runs on every batch of every epoch.")
+
+    def split_features(self, split: str) -> np.ndarray:
+        """The frozen backbone's features of a split, from the cache or extracted into it."""
+        if split not in self.features:
+            preprocessing = {
+                "info_bar": self.info_bar.mode,
+                "decode_side": self.decode_side,
+                "transform": repr(self.transform),
+            }
+            self.features[split] = self.feature_cache.features(
+                self.frozen_backbone,
+                preprocessing,
+                self._image_dataset(split),
+                [file_digest(path) for path, _ in self.splits[split]],
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                bf16=self.bf16,
+            )
+        return self.features[split]
+
+    def _image_dataset(self, split: str) -> "SEMImageDataset":
+        return SEMImageDataset(self.splits[split], self.info_bar, self.transform, self.decode_side)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if self.use_cache:
+            # Rows of a memory-mapped matrix: cheaper to read in-process than to ship to workers.
+            labels = [label for _, label in self.splits[split]]
+            dataset = FeatureDataset(self.split_features(split), labels)
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle)
         return DataLoader(
-            SEMImageDataset(self.splits[split], self.info_bar, self.transform),
+            self._image_dataset(split),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,

@@ -34,7 +34,10 @@ class SEMClassifier(LightningModule):
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
         self.class_names = list(class_names)
         self.optimizer_factory = optimizer
-        self.backbone = backbones.create_backbone(backbone, pretrained, weights_file)
+        # channels_last: about 1.5x faster convolutions on CPU (oneDNN) and on tensor-core GPUs.
+        self.backbone = backbones.create_backbone(backbone, pretrained, weights_file).to(
+            memory_format=torch.channels_last
+        )
         if freeze:
             backbones.freeze(self.backbone)
         self.frozen = freeze
@@ -69,6 +72,7 @@ class SEMClassifier(LightningModule):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.contiguous(memory_format=torch.channels_last)
         if self.frozen:
             with torch.no_grad():
                 features = self.backbone(images)  # (B, 3, H, W) -> (B, num_features)
@@ -77,8 +81,9 @@ class SEMClassifier(LightningModule):
         return self.head(features)  # (B, num_features) -> (B, num_classes)
 
     def _step(self, batch):
-        images, targets = batch
-        logits = self(images)
+        inputs, targets = batch
+        # (B, num_features) batches are cached backbone features: only the head runs.
+        logits = self.head(inputs) if inputs.ndim == 2 else self(inputs)
         return F.cross_entropy(logits, targets), logits, targets
 
     def training_step(self, batch, batch_idx):

@@ -1,0 +1,117 @@
+"""FeatureCache: a frozen backbone's pooled features, computed once per image and kept on disk.
+
+A frozen backbone maps an image to the same features every epoch, every run and every trial
+of a sweep over the head, so they are computed once. An entry is keyed by everything that
+changes them (architecture, every weight, preprocessing, precision, the images' content), so a
+stale entry is never read. Entries are .npy files read memory-mapped, so memory does not grow
+with the dataset, and written under a temporary name then renamed, so an interrupted
+extraction leaves nothing that looks complete.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes: the image content, whatever its name or place."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer, by name."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    bf16: bool,
+    out: np.ndarray,
+) -> None:
+    """Run `backbone` over `dataset` in order, writing (N, num_features) rows into `out`."""
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    # A private generator: extracting must not shift the global RNG, or the shuffling of the
+    # head's training would depend on whether the cache was warm.
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator()
+    )
+    row = 0
+    for images, _ in tqdm(loader, desc="backbone features", unit="batch"):
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            features = backbone(images)  # (B, 3, H, W) -> (B, num_features)
+        out[row : row + len(features)] = features.float().cpu().numpy()
+        row += len(features)
+
+
+class FeatureCache:
+    """Feature matrices under `cache_dir/<backbone key>/<images key>.npy`, one row per image."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+
+    @staticmethod
+    def backbone_key(backbone: nn.Module, preprocessing: dict, bf16: bool) -> str:
+        description = {
+            "architecture": backbone.pretrained_cfg.get("architecture", type(backbone).__name__),
+            "weights": weights_digest(backbone),
+            "preprocessing": preprocessing,
+            "bf16": bf16,
+        }
+        return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+
+    def features(
+        self,
+        backbone: nn.Module,
+        preprocessing: dict,
+        dataset: Dataset,
+        image_digests: list[str],
+        batch_size: int = 32,
+        num_workers: int = 2,
+        bf16: bool = False,
+    ) -> np.ndarray:
+        """(N, num_features) features of `dataset`'s images, memory-mapped; computed on a miss."""
+        images_key = hashlib.sha256("\n".join(image_digests).encode()).hexdigest()[:24]
+        entry_dir = self.cache_dir / self.backbone_key(backbone, preprocessing, bf16)
+        entry = entry_dir / f"{images_key}.npy"
+        if entry.is_file():
+            log.info("Feature cache hit: %s", entry)
+            return np.load(entry, mmap_mode="r")
+
+        log.info("Feature cache miss: extracting %d images into %s", len(dataset), entry)
+        entry_dir.mkdir(parents=True, exist_ok=True)
+        partial = entry.with_suffix(f".partial-{os.getpid()}.npy")
+        try:
+            out = np.lib.format.open_memmap(
+                partial, mode="w+", dtype=np.float32, shape=(len(dataset), backbone.num_features)
+            )
+            extract_features(backbone, dataset, batch_size, num_workers, bf16, out)
+            out.flush()
+            del out
+            os.replace(partial, entry)  # atomic: readers see no entry or a complete one
+        finally:
+            partial.unlink(missing_ok=True)
+        return np.load(entry, mmap_mode="r")
