@@ -110,20 +110,27 @@ def _blood_cell(radius: float, level: float, aspect: float, angle: float):
     """Biconcave disc: a thick bright torus around a dimpled centre."""
     d, alpha, x, y = _ellipse_coords(radius, aspect, angle)
     torus = np.exp(-(((d - 0.68) / 0.26) ** 2))
-    shade = level * (0.55 + 0.5 * torus) - 0.12 * (x + y) * torus + 0.15 * np.clip(d - 0.9, 0, 1)
+    shade = level * (0.7 + 0.4 * torus) - 0.12 * (x + y) * torus
     return alpha, shade
 
 
-def _stroke(draw, points, width: float, level: float, profile=((1.0, 0.55), (0.75, 0.75),
-                                                                 (0.5, 0.9), (0.25, 1.0))):
+_CYLINDER = ((1.0, 0.55), (0.75, 0.75), (0.5, 0.9), (0.25, 1.0))
+
+
+def _stroke(draw, points, width: float, level: float, round_ends: bool = False):
     """A cylinder along a polyline: nested strokes, brightest on the axis."""
-    for width_share, brightness in profile:
-        draw.line(points, fill=int(255 * min(level * brightness, 1.0)),
-                  width=max(1, round(width * width_share)), joint="curve")
+    for width_share, brightness in _CYLINDER:
+        fill, stroke = int(255 * min(level * brightness, 1.0)), max(1, round(width * width_share))
+        draw.line(points, fill=fill, width=stroke, joint="curve")
+        if round_ends:
+            r = stroke / 2
+            for x, y in (points[0], points[-1]):
+                draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
 
 
-def _curve(rng: np.random.Generator, w: int, h: int, direction: float | None, bend: float,
-           n: int = 16) -> list[tuple[float, float]]:
+def _curve(
+    rng: np.random.Generator, w: int, h: int, direction: float | None, bend: float, n: int = 16
+) -> list[tuple[float, float]]:
     """A gently bent path that crosses the whole canvas (quadratic Bezier through its middle)."""
     theta = rng.uniform(0, math.pi) if direction is None else direction
     cx, cy = rng.uniform(-0.1, 1.1) * w, rng.uniform(-0.1, 1.1) * h
@@ -137,6 +144,27 @@ def _curve(rng: np.random.Generator, w: int, h: int, direction: float | None, be
     return [tuple(p) for p in pts]
 
 
+def _wander(
+    rng: np.random.Generator,
+    w: int,
+    h: int,
+    step: float,
+    turn: float,
+    n: int,
+    start: tuple[float, float] | None = None,
+    heading: float | None = None,
+):
+    """A wavy strand: a random walk with persistent direction."""
+    x, y = start if start is not None else (rng.uniform(0, w), rng.uniform(0, h))
+    a = rng.uniform(0, 2 * math.pi) if heading is None else heading
+    pts = [(x, y)]
+    for _ in range(n):
+        a += rng.normal(0, turn)
+        x, y = x + step * math.cos(a), y + step * math.sin(a)
+        pts.append((x, y))
+    return pts
+
+
 class _Frame:
     """Maps local drawing units to canvas pixels: rotate, scale, foreshorten the y axis."""
 
@@ -148,8 +176,12 @@ class _Frame:
         out = []
         for x, y in points:
             x, y = x * self.scale, y * self.scale
-            out.append((self.cx + x * self.c - y * self.s,
-                        self.cy + (x * self.s + y * self.c) * self.squash))
+            out.append(
+                (
+                    self.cx + x * self.c - y * self.s,
+                    self.cy + (x * self.s + y * self.c) * self.squash,
+                )
+            )
         return out
 
     def rect(self, draw, x0: float, y0: float, x1: float, y1: float, fill: int):
@@ -184,8 +216,9 @@ def _borders(labels: np.ndarray, width: int) -> np.ndarray:
 
 def _nanowires(rng, w, h):
     u, zoom = h / 384, rng.uniform(0.6, 1.6)
-    img = rng.uniform(0.12, 0.35) + 0.05 * _field(rng, w, h, 4 * u) + 0.06 * _field(
-        rng, w, h, 30 * u)
+    img = (
+        rng.uniform(0.12, 0.35) + 0.05 * _field(rng, w, h, 4 * u) + 0.06 * _field(rng, w, h, 30 * u)
+    )
     layer, draw = _canvas(w, h)
     style = rng.integers(3)
     if style == 0:  # a forest of standing wires seen at a tilt, all leaning one way
@@ -200,8 +233,9 @@ def _nanowires(rng, w, h):
     else:  # a vertical array seen from above at a tilt: short wires with catalyst heads
         n = int(rng.uniform(300, 800) / zoom**2)
         upright = rng.random(n) < 0.7
-        angles = np.where(upright, math.pi / 2 + rng.normal(0, 0.06, n),
-                          rng.uniform(0, 2 * math.pi, n))
+        angles = np.where(
+            upright, math.pi / 2 + rng.normal(0, 0.06, n), rng.uniform(0, 2 * math.pi, n)
+        )
         lengths = rng.lognormal(math.log(14 * zoom * u), 0.35, n)
     x0, y0 = rng.uniform(-0.1 * w, 1.1 * w, n), rng.uniform(-0.1 * h, 1.1 * h, n)
     order = np.argsort(y0)  # nearer wires (lower in the frame) are drawn over farther ones
@@ -219,7 +253,9 @@ def _nanowires(rng, w, h):
         draw.line(pts, fill=int(levels[i]), width=int(widths[i]), joint="curve")
         head = widths[i] * (1.3 if style == 2 else 0.7)
         hx, hy = pts[-1] if style != 2 else pts[0]
-        draw.ellipse((hx - head, hy - head, hx + head, hy + head), fill=int(min(levels[i] + 30, 255)))
+        draw.ellipse(
+            (hx - head, hy - head, hx + head, hy + head), fill=int(min(levels[i] + 30, 255))
+        )
     return _overlay(img, layer)
 
 
@@ -227,8 +263,11 @@ def _particles(rng, w, h):
     u, zoom = h / 384, rng.uniform(0.6, 1.6)
     style = rng.integers(3)
     if style == 0:  # scattered spheres on a grainy film
-        img = rng.uniform(0.22, 0.4) + 0.08 * _field(rng, w, h, 2.5 * u * zoom) + 0.05 * _field(
-            rng, w, h, 12 * u * zoom)
+        img = (
+            rng.uniform(0.22, 0.4)
+            + 0.08 * _field(rng, w, h, 2.5 * u * zoom)
+            + 0.05 * _field(rng, w, h, 12 * u * zoom)
+        )
         n = int(rng.uniform(40, 160) / zoom**2)
         radii = rng.lognormal(math.log(7 * u * zoom), 0.35, n)
         aspects = rng.uniform(1, 1.3, n)
@@ -250,15 +289,19 @@ def _particles(rng, w, h):
     xs, ys = rng.uniform(0, w, n), rng.uniform(0, h, n)
     if style == 2:  # half of them stick to a neighbour
         clumped = np.flatnonzero(rng.random(n) < 0.5)[1:]
-        anchors = rng.integers(0, np.maximum(clumped, 1))
+        anchors = rng.integers(0, clumped)  # an earlier particle
         bond = rng.uniform(0, 2 * math.pi, clumped.size)
         xs[clumped] = xs[anchors] + 2 * radii[clumped] * np.cos(bond)
         ys[clumped] = ys[anchors] + 2 * radii[clumped] * np.sin(bond)
     levels, rims = rng.uniform(0.45, 0.75, n), rng.uniform(0.15, 0.4, n)
     angles = rng.uniform(0, math.pi, n)
     for i in range(n):
-        _stamp(img, xs[i], ys[i], *_sphere(max(radii[i], 1.0), levels[i], rims[i], aspects[i],
-                                          angles[i]))
+        _stamp(
+            img,
+            xs[i],
+            ys[i],
+            *_sphere(max(radii[i], 1.0), levels[i], rims[i], aspects[i], angles[i]),
+        )
     return img
 
 
@@ -305,15 +348,19 @@ def _patterned(rng, w, h):
     if rng.random() < 0.35:  # patterned field next to plain substrate
         edge_angle = rng.uniform(0, 2 * math.pi)
         side = (xx - w / 2) * math.cos(edge_angle) + (yy - h / 2) * math.sin(edge_angle)
-        img = np.where(side < rng.uniform(-0.3, 0.3) * w, img,
-                       bottom + 0.03 * _field(rng, w, h, 8 * u))
+        img = np.where(
+            side < rng.uniform(-0.3, 0.3) * w, img, bottom + 0.03 * _field(rng, w, h, 8 * u)
+        )
     return img.astype(np.float32)
 
 
 def _porous(rng, w, h):
     u, zoom = h / 384, rng.uniform(0.6, 1.6)
-    matrix = rng.uniform(0.5, 0.75) + 0.06 * _field(rng, w, h, 3 * u * zoom) + 0.05 * _field(
-        rng, w, h, 20 * u * zoom)
+    matrix = (
+        rng.uniform(0.5, 0.75)
+        + 0.04 * _field(rng, w, h, 3 * u * zoom)
+        + 0.05 * _field(rng, w, h, 20 * u * zoom)
+    )
     style = rng.integers(3)
     if style == 0:  # irregular pores
         f = _field(rng, w, h, 25 * u * zoom) + 0.45 * _field(rng, w, h, 8 * u * zoom)
@@ -321,18 +368,22 @@ def _porous(rng, w, h):
     elif style == 1:  # open-cell foam: overlapping round cavities
         layer, draw = _canvas(w, h)
         mean_r = 16 * u * zoom
-        for _ in range(int(rng.uniform(0.5, 0.9) * w * h / (math.pi * mean_r**2))):
+        for _ in range(int(rng.uniform(0.4, 0.8) * w * h / (math.pi * mean_r**2))):
             x, y = rng.uniform(0, w), rng.uniform(0, h)
             rx = rng.lognormal(math.log(mean_r), 0.45)
             ry = rx * rng.uniform(0.7, 1.0)
             draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=255)
-        holes = np.asarray(layer) > 0
-        holes &= _field(rng, w, h, 6 * u * zoom) > -1.2  # struts between cavities
+        cavities = ndi.gaussian_filter(np.asarray(layer, np.float32) / 255, 2 * u * zoom)
+        holes = cavities + 0.15 * _field(rng, w, h, 8 * u * zoom) > 0.5  # ragged rims
     else:  # worm-like channels of a nanoporous network
         f = _field(rng, w, h, 9 * u * zoom)
         holes = np.abs(f) < rng.uniform(0.3, 0.55)
+    # Through a pore one sees a deeper, dimmer layer of the same sponge
+    deeper = _field(rng, w, h, 10 * u * zoom) > rng.uniform(-0.2, 0.6)
     depth = ndi.gaussian_filter(holes.astype(np.float32), 4 * u * zoom)
-    inside = rng.uniform(0.05, 0.2) * (1.4 - depth) + 0.04 * _field(rng, w, h, 5 * u)
+    inside = rng.uniform(0.05, 0.15) * (1.4 - 0.6 * depth) + np.where(deeper, 0.12, 0)
+    near_edge = ndi.gaussian_filter(holes.astype(np.float32), 1.5 * u)
+    matrix = matrix + 0.5 * near_edge  # pore lips charge up and glow
     return np.where(holes, inside, matrix).astype(np.float32)
 
 
@@ -344,14 +395,22 @@ def _fibres(rng, w, h):
     if style == 0:  # electrospun mat
         n, width, direction = int(rng.uniform(25, 60) / zoom), 8 * u * zoom, None
     elif style == 1:  # aligned fibres
-        n, width, direction = int(rng.uniform(18, 40) / zoom), 10 * u * zoom, rng.uniform(0, math.pi)
+        n, width, direction = (
+            int(rng.uniform(18, 40) / zoom),
+            10 * u * zoom,
+            rng.uniform(0, math.pi),
+        )
     else:  # a few thick fibres (textile, hair)
         n, width, direction = int(rng.integers(4, 10)), 34 * u * zoom, None
     for depth in np.sort(rng.random(n)):  # far (dim, thin) fibres first
         heading = None if direction is None else direction + rng.normal(0, 0.12)
         pts = _curve(rng, w, h, heading, bend=rng.uniform(0.02, 0.12))
-        _stroke(draw, pts, width * rng.lognormal(0, 0.25) * (0.6 + 0.4 * depth),
-                level=rng.uniform(0.55, 0.95) * (0.45 + 0.55 * depth))
+        _stroke(
+            draw,
+            pts,
+            width * rng.lognormal(0, 0.25) * (0.6 + 0.4 * depth),
+            level=rng.uniform(0.55, 0.95) * (0.45 + 0.55 * depth),
+        )
     return _overlay(img, layer)
 
 
@@ -374,8 +433,12 @@ def _films(rng, w, h):
         for _ in range(int(rng.integers(3, 40))):
             r = rng.lognormal(math.log(2.5 * u * zoom), 0.5)
             dark = rng.random() < 0.5
-            _stamp(img, rng.uniform(0, w), rng.uniform(0, h),
-                   *_sphere(max(r, 1.0), 0.1 if dark else level + 0.15, 0.2))
+            _stamp(
+                img,
+                rng.uniform(0, w),
+                rng.uniform(0, h),
+                *_sphere(max(r, 1.0), 0.1 if dark else level + 0.15, 0.2),
+            )
     return img.astype(np.float32)
 
 
@@ -384,18 +447,24 @@ def _powder(rng, w, h):
     img = rng.uniform(0.05, 0.2) + 0.04 * _field(rng, w, h, 4 * u)
     layer, draw = _canvas(w, h)
     light = rng.uniform(0, 2 * math.pi)
-    centres = rng.uniform((0.1 * w, 0.1 * h), (0.9 * w, 0.9 * h), (int(rng.integers(1, 5)), 2))
-    spread = rng.uniform(0.15, 0.35) * w
+    if rng.random() < 0.6:  # a few agglomerates
+        centres = rng.uniform((0.1 * w, 0.1 * h), (0.9 * w, 0.9 * h), (int(rng.integers(1, 5)), 2))
+        spread, crowd = rng.uniform(0.08, 0.3) * w, 1.0
+    else:  # a powder bed filling the frame
+        centres, spread, crowd = np.array([(w / 2, h / 2)]), 0.6 * w, 3.5
     # Several size scales; big grains first so the fine ones sit on top of them.
-    for count, size, facets in ((rng.integers(6, 18), 30, True), (rng.integers(40, 120), 12, True),
-                                (rng.integers(100, 350), 4, False)):
-        for _ in range(int(count / zoom)):
+    for count, size, facets in (
+        (rng.integers(6, 18), 30, True),
+        (rng.integers(60, 150), 12, True),
+        (rng.integers(100, 350), 4, False),
+    ):
+        for _ in range(int(count * crowd / zoom)):
             cx, cy = centres[rng.integers(len(centres))] + rng.normal(0, spread, 2)
             r = rng.lognormal(math.log(size * u * zoom), 0.3)
             k = int(rng.integers(5, 9))
             angles = np.sort(rng.uniform(0, 2 * math.pi, k))
             radii = r * rng.uniform(0.55, 1.0, k)
-            verts = list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles)))
+            verts = list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles), strict=True))
             base = rng.uniform(0.45, 0.75)
             if not facets:
                 draw.polygon(verts, fill=int(255 * base))
@@ -405,19 +474,28 @@ def _powder(rng, w, h):
                 (x1, y1), (x2, y2) = verts[j], verts[(j + 1) % k]
                 facing = math.atan2((y1 + y2) / 2 - ay, (x1 + x2) / 2 - ax)
                 shade = base + 0.22 * math.cos(facing - light) + rng.normal(0, 0.04)
-                draw.polygon([(ax, ay), (x1, y1), (x2, y2)], fill=int(255 * np.clip(shade, 0.05, 1)))
+                draw.polygon(
+                    [(ax, ay), (x1, y1), (x2, y2)], fill=int(255 * np.clip(shade, 0.05, 1))
+                )
     return _overlay(img, layer)
 
 
 def _tips(rng, w, h):
     u = h / 384
-    img = rng.uniform(0.1, 0.45) + 0.06 * _field(rng, w, h, 60 * u) + 0.02 * _field(rng, w, h, 3 * u)
+    img = (
+        rng.uniform(0.1, 0.45) + 0.06 * _field(rng, w, h, 60 * u) + 0.02 * _field(rng, w, h, 3 * u)
+    )
     xx, yy = _grid(w, h)
     style = rng.integers(3)
     if style == 1:  # AFM probe: cantilever with a pyramid at its free end
         layer, draw = _canvas(w, h)
-        frame = _Frame(rng.uniform(0.35, 0.65) * w, rng.uniform(0.35, 0.65) * h,
-                       rng.uniform(0, 2 * math.pi), u * rng.uniform(0.8, 1.4), rng.uniform(0.7, 1))
+        frame = _Frame(
+            rng.uniform(0.35, 0.65) * w,
+            rng.uniform(0.35, 0.65) * h,
+            rng.uniform(0, 2 * math.pi),
+            u * rng.uniform(0.8, 1.4),
+            rng.uniform(0.7, 1),
+        )
         beam = rng.uniform(50, 90)
         frame.rect(draw, -700, -beam, 40, beam, int(255 * rng.uniform(0.35, 0.55)))
         height, half = rng.uniform(80, 140), rng.uniform(35, 60)
@@ -434,8 +512,11 @@ def _tips(rng, w, h):
     c, s = math.cos(axis), math.sin(axis)
     t, across = (xx - ax) * c + (yy - ay) * s, (yy - ay) * c - (xx - ax) * s
     r_apex = rng.uniform(1, 4) * u
-    slope, power = (rng.uniform(0.06, 0.3), rng.uniform(0.7, 1.0)) if style == 0 else (
-        rng.uniform(0.3, 0.7), 1.0)
+    slope, power = (
+        (rng.uniform(0.06, 0.3), rng.uniform(0.7, 1.0))
+        if style == 0
+        else (rng.uniform(0.3, 0.7), 1.0)
+    )
     half = r_apex + slope * np.maximum(t, 0) ** power * (h ** (1 - power))
     inside = np.where(t >= 0, np.abs(across) < half, t * t + across * across < r_apex**2)
     if style == 2:
@@ -451,9 +532,13 @@ def _tips(rng, w, h):
 def _mems(rng, w, h):
     u = h / 384
     layer, draw = _canvas(w, h)
-    frame = _Frame(w / 2 + rng.normal(0, 0.1 * w), h / 2 + rng.normal(0, 0.1 * h),
-                   rng.choice([0, math.pi / 2]) + rng.normal(0, 0.08), u * rng.uniform(0.6, 1.5),
-                   rng.uniform(0.65, 1.0))
+    frame = _Frame(
+        w / 2 + rng.normal(0, 0.1 * w),
+        h / 2 + rng.normal(0, 0.1 * h),
+        rng.choice([0, math.pi / 2]) + rng.normal(0, 0.08),
+        u * rng.uniform(0.6, 1.5),
+        rng.uniform(0.65, 1.0),
+    )
     top = int(255 * rng.uniform(0.55, 0.85))
     style = rng.integers(4)
     if style == 0:  # comb drive: interdigitated fingers between two anchors
@@ -473,7 +558,7 @@ def _mems(rng, w, h):
             frame.rect(draw, x - pad / 2, -260 - pad, x + pad / 2, -260, top)
             frame.rect(draw, x - pad / 2 + 8, -252 - pad, x + pad / 2 - 8, -268, min(top + 30, 255))
             frame.rect(draw, x - 4, -260, x + 4, -80, top)
-            frame.rect(draw, x - 4, -80, 0 + 4, -72, top)
+            frame.rect(draw, min(x, 0) - 4, -80, max(x, 0) + 4, -72, top)
         pitch = rng.uniform(10, 20)
         frame.rect(draw, -160, -80, 160, -64, top)
         frame.rect(draw, -160, 80, 160, 96, top)
@@ -489,7 +574,7 @@ def _mems(rng, w, h):
                 frame.rect(draw, x, y, x + hole, y + hole, 0)
         for sx in (-1, 1):
             x = sx * half
-            for k in range(int(rng.integers(3, 6))):
+            for _ in range(int(rng.integers(3, 6))):
                 x1 = x + sx * 14
                 frame.rect(draw, min(x, x1), -60, max(x, x1) + 6, -54, top)
                 frame.rect(draw, x1, -60, x1 + 6, 60, top)
@@ -508,8 +593,9 @@ def _mems(rng, w, h):
     walls = np.zeros_like(top_mask)
     walls[wall:] = top_mask[:-wall]
     walls &= ~top_mask
-    substrate = rng.uniform(0.1, 0.35) + 0.03 * _field(rng, w, h, 3 * u) + 0.04 * _field(
-        rng, w, h, 50 * u)
+    substrate = (
+        rng.uniform(0.1, 0.35) + 0.03 * _field(rng, w, h, 3 * u) + 0.04 * _field(rng, w, h, 50 * u)
+    )
     surface = np.asarray(layer, np.float32) / 255 + 0.03 * _field(rng, w, h, 2 * u)
     img = np.where(walls, min(top / 255 + 0.15, 1.0), substrate)
     return np.where(top_mask, surface, img).astype(np.float32)
@@ -517,24 +603,27 @@ def _mems(rng, w, h):
 
 def _biological(rng, w, h):
     u, zoom = h / 384, rng.uniform(0.7, 1.4)
-    style = rng.integers(3)
+    style = rng.integers(4)
     if style == 0:  # red blood cells, sometimes caught in fibrin strands
         img = rng.uniform(0.05, 0.25) + 0.05 * _field(rng, w, h, 20 * u)
-        n = int(rng.uniform(8, 30) / zoom**2)
-        for _ in range(n):
-            r = 38 * u * zoom * rng.normal(1, 0.08)
-            _stamp(img, rng.uniform(0, w), rng.uniform(0, h),
-                   *_blood_cell(r, rng.uniform(0.45, 0.7), rng.uniform(1, 1.8),
-                                rng.uniform(0, math.pi)))
+        for _ in range(int(rng.uniform(8, 30) / zoom**2)):
+            x, y, r = rng.uniform(0, w), rng.uniform(0, h), 38 * u * zoom * rng.normal(1, 0.08)
+            aspect, angle = rng.uniform(1, 1.8), rng.uniform(0, math.pi)
+            alpha, _ = _blood_cell(r, 0, aspect, angle)
+            _stamp(img, x + 0.15 * r, y + 0.15 * r, 0.6 * alpha, np.zeros_like(alpha))  # shadow
+            _stamp(img, x, y, *_blood_cell(r, rng.uniform(0.45, 0.7), aspect, angle))
         if rng.random() < 0.5:
             layer, draw = _canvas(w, h)
-            for _ in range(int(rng.integers(10, 40))):
-                pts = _curve(rng, w, h, None, bend=rng.uniform(0.05, 0.3), n=8)
-                draw.line(pts, fill=int(rng.integers(170, 235)), width=max(1, round(u)))
+            for _ in range(int(rng.integers(15, 50))):
+                draw.line(
+                    _wander(rng, w, h, 20 * u, 0.35, int(rng.integers(8, 30))),
+                    fill=int(rng.integers(170, 235)),
+                    width=max(1, round(u)),
+                )
             img = _overlay(img, layer)
         return img
     if style == 1:  # rod-shaped bacteria in colonies
-        img = rng.uniform(0.15, 0.4) + 0.04 * _field(rng, w, h, 5 * u)
+        img = rng.uniform(0.15, 0.4) + 0.03 * _field(rng, w, h, 5 * u)
         layer, draw = _canvas(w, h)
         centres = rng.uniform((0, 0), (w, h), (int(rng.integers(2, 6)), 2))
         for _ in range(int(rng.uniform(40, 160) / zoom**2)):
@@ -543,22 +632,45 @@ def _biological(rng, w, h):
             length = width * rng.uniform(1.5, 4.5)
             a = rng.uniform(0, 2 * math.pi)
             dx, dy = math.cos(a) * length / 2, math.sin(a) * length / 2
-            pts = [(cx - dx, cy - dy), (cx + dx, cy + dy)]
-            _stroke(draw, pts, width, rng.uniform(0.7, 0.95))
-            for (px, py), share in ((pts[0], 1.0), (pts[1], 1.0)):  # rounded ends
-                rr = width * share / 2
-                draw.ellipse((px - rr, py - rr, px + rr, py + rr), fill=int(255 * 0.5))
-                rr *= 0.5
-                draw.ellipse((px - rr, py - rr, px + rr, py + rr), fill=int(255 * 0.7))
+            _stroke(
+                draw,
+                [(cx - dx, cy - dy), (cx + dx, cy + dy)],
+                width,
+                rng.uniform(0.7, 0.95),
+                round_ends=True,
+            )
         return _overlay(img, layer)
-    # tissue: folded, ridged surface with domed cells
-    folds = 1 - np.abs(_field(rng, w, h, rng.uniform(25, 60) * u * zoom))
-    img = 0.25 + 0.35 * folds**3 + 0.05 * _field(rng, w, h, 2 * u)
-    for _ in range(int(rng.integers(0, 12))):
-        r = rng.lognormal(math.log(30 * u * zoom), 0.3)
-        _stamp(img, rng.uniform(0, w), rng.uniform(0, h),
-               *_sphere(r, rng.uniform(0.5, 0.7), 0.1, rng.uniform(1, 1.5), rng.uniform(0, 3)))
-    return img.astype(np.float32)
+    if style == 2:  # epithelium: a cobblestone of domed cells, lit from one side
+        borders = _borders(_voronoi(rng, w, h, rng.uniform(40, 90) * u * zoom, 4 * u * zoom), 1)
+        dome = np.sqrt(ndi.distance_transform_edt(~borders)) + 0.4 * _field(rng, w, h, 3 * u)
+        gy, gx = np.gradient(ndi.gaussian_filter(dome, 1.5 * u))
+        light = rng.uniform(0, 2 * math.pi)
+        slope = gx * math.cos(light) + gy * math.sin(light)
+        img = rng.uniform(0.3, 0.5) + 0.03 * dome + rng.uniform(0.3, 0.6) * slope
+        return img.astype(np.float32)
+    # adherent cells: domed bodies with thin filopodia reaching out
+    img = rng.uniform(0.1, 0.3) + 0.03 * _field(rng, w, h, 6 * u)
+    layer, draw = _canvas(w, h)
+    cells = [
+        (rng.uniform(0, w), rng.uniform(0, h), rng.lognormal(math.log(45 * u * zoom), 0.25))
+        for _ in range(int(rng.integers(2, 8)))
+    ]
+    for x, y, r in cells:
+        for _ in range(int(rng.integers(8, 30))):
+            a = rng.uniform(0, 2 * math.pi)
+            start = (x + 0.8 * r * math.cos(a), y + 0.8 * r * math.sin(a))
+            draw.line(
+                _wander(rng, w, h, 12 * u * zoom, 0.3, int(rng.integers(3, 10)), start, a),
+                fill=int(rng.integers(150, 220)),
+                width=max(1, round(u)),
+            )
+    img = _overlay(img, layer)
+    for x, y, r in cells:
+        alpha, shade = _sphere(
+            r, rng.uniform(0.5, 0.7), 0.3, rng.uniform(1, 1.6), rng.uniform(0, math.pi)
+        )
+        _stamp(img, x, y, alpha, shade + 0.06 * rng.standard_normal(shade.shape).astype(np.float32))
+    return img
 
 
 _RENDERERS = {
@@ -579,7 +691,9 @@ _RENDERERS = {
 # Instrument: detector response, scan noise and the info bar.
 
 
-def _microscope(rng: np.random.Generator, specimen: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _microscope(
+    rng: np.random.Generator, specimen: np.ndarray, size: tuple[int, int]
+) -> np.ndarray:
     """Specimen signal at working size -> noisy 8-bit micrograph at the output size."""
     width, height = size
     h, w = specimen.shape
@@ -589,8 +703,8 @@ def _microscope(rng: np.random.Generator, specimen: np.ndarray, size: tuple[int,
         specimen = specimen[::-1]
     img = ndi.gaussian_filter(specimen, rng.uniform(0.5, 1.2))
     # Edge effect: secondary-electron yield rises where the surface is steep
-    gy, gx = np.gradient(img)
-    img = img + rng.uniform(0.5, 2.5) * np.sqrt(gx * gx + gy * gy)
+    gy, gx = np.gradient(ndi.gaussian_filter(img, 1.0))
+    img = img + rng.uniform(0.8, 3.0) * np.sqrt(gx * gx + gy * gy)
     xx, yy = _grid(w, h)
     img = img + rng.normal(0, 0.08) * (xx / w - 0.5) + rng.normal(0, 0.08) * (yy / h - 0.5)
     img = img - rng.uniform(0, 0.15) * ((xx / w - 0.5) ** 2 + (yy / h - 0.5) ** 2)
@@ -603,7 +717,7 @@ def _microscope(rng: np.random.Generator, specimen: np.ndarray, size: tuple[int,
     shot = rng.uniform(0.4, 1.1) * np.sqrt(np.maximum(full, 1)) + rng.uniform(2, 5)
     full = full + shot * rng.standard_normal((height, width), dtype=np.float32)
     full += rng.normal(0, rng.uniform(0.5, 3), (height, 1)).astype(np.float32)
-    for row in rng.integers(0, height, int(rng.integers(0, 4))):  # scan-line glitches
+    for row in rng.integers(0, height, rng.poisson(0.5)):  # scan-line glitches
         full[row : row + 2] = np.roll(full[row : row + 2], int(rng.integers(-6, 7)), axis=1)
     return np.clip(full, 0, 255).astype(np.uint8)
 
@@ -615,6 +729,31 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _SCALES = ("100 nm", "200 nm", "300 nm", "500 nm", "1 µm", "2 µm", "10 µm", "20 µm", "100 µm")
+
+
+def _draw_length(
+    draw: ImageDraw.ImageDraw,
+    xy: tuple[float, float],
+    text: str,
+    font: ImageFont.FreeTypeFont,
+    ink: int,
+) -> None:
+    """Draw a length such as "2 µm"; the default font has no µ, so it is a u with a tail."""
+    x, y = xy
+    number, micro, unit = text.partition("µ")
+    draw.text((x, y), number, fill=ink, font=font)
+    if not micro:
+        return
+    x += draw.textlength(number, font=font)
+    draw.text((x, y), "u", fill=ink, font=font)
+    left, top, _, bottom = font.getbbox("u")
+    stem = max(1, round(font.size / 12))
+    draw.line(
+        [(x + left + stem / 2, y + top), (x + left + stem / 2, y + bottom + 0.35 * (bottom - top))],
+        fill=ink,
+        width=stem,
+    )
+    draw.text((x + draw.textlength("u", font=font), y), unit, fill=ink, font=font)
 
 
 def _info_bar(rng: np.random.Generator, width: int, height: int, kind: str) -> np.ndarray:
@@ -630,28 +769,34 @@ def _info_bar(rng: np.random.Generator, width: int, height: int, kind: str) -> n
     pad = bar_height * 0.12
     line_y = bar_height * 0.72
     length = width * rng.uniform(0.05, 0.13)
-    draw.text((pad, pad), str(rng.choice(_SCALES)), fill=ink, font=font)
-    draw.line([(pad, line_y), (pad + length, line_y)], fill=ink,
-              width=max(1, round(bar_height / 20)))
+    _draw_length(draw, (pad, pad), str(rng.choice(_SCALES)), font, ink)
+    draw.line(
+        [(pad, line_y), (pad + length, line_y)], fill=ink, width=max(1, round(bar_height / 20))
+    )
     mag = 10 ** rng.uniform(2, 5.3)
     mag_text = f"{mag / 1000:.2f} K X" if mag >= 1000 else f"{mag:.0f} X"
     rows = (
-        [f"EHT = {rng.choice([1, 2, 3, 5, 10, 15, 20]):.2f} kV",
-         f"WD = {rng.uniform(2, 15):.1f} mm",
-         f"Signal A = {rng.choice(['InLens', 'SE2', 'BSD'])}",
-         f"Date: {rng.integers(1, 29)} {rng.choice(_MONTHS)} {rng.integers(2008, 2018)}"],
-        [f"Mag = {mag_text}",
-         f"Stage at T = {rng.uniform(0, 60):.1f} °",
-         f"Photo No. = {rng.integers(1, 9999)}",
-         f"Time: {rng.integers(0, 24):02d}:{rng.integers(0, 60):02d}:{rng.integers(0, 60):02d}"],
+        [
+            f"EHT = {rng.choice([1, 2, 3, 5, 10, 15, 20]):.2f} kV",
+            f"WD = {rng.uniform(2, 15):.1f} mm",
+            f"Signal A = {rng.choice(['InLens', 'SE2', 'BSD'])}",
+            f"Date: {rng.integers(1, 29)} {rng.choice(_MONTHS)} {rng.integers(2008, 2018)}",
+        ],
+        [
+            f"Mag = {mag_text}",
+            f"Stage at T = {rng.uniform(0, 60):.1f} °",
+            f"Photo No. = {rng.integers(1, 9999)}",
+            f"Time: {rng.integers(0, 24):02d}:{rng.integers(0, 60):02d}:{rng.integers(0, 60):02d}",
+        ],
     )
     start = rng.uniform(0.18, 0.26)
     for r, texts in enumerate(rows):
         for col, text in enumerate(texts):
             x = width * (start + col * 0.19)
             draw.text((x, pad + r * bar_height * 0.42), text, fill=ink, font=font)
-    if rng.random() < 0.5:  # some instruments frame the bar
-        draw.rectangle((0, 0, width - 1, bar_height - 1), outline=ink)
+    if rng.random() < 0.5:  # some instruments frame the bar, just inside its edge
+        inset = max(1, bar_height // 30)
+        draw.rectangle((inset, inset, width - 1 - inset, bar_height - 1 - inset), outline=ink)
     return np.asarray(bar)
 
 
@@ -659,8 +804,12 @@ def _info_bar(rng: np.random.Generator, width: int, height: int, kind: str) -> n
 # Public API
 
 
-def render_image(class_name: str, rng: np.random.Generator, size: tuple[int, int] = (1024, 768),
-                 info_bar: str | None = None) -> Image.Image:
+def render_image(
+    class_name: str,
+    rng: np.random.Generator,
+    size: tuple[int, int] = (1024, 768),
+    info_bar: str | None = None,
+) -> Image.Image:
     """One SEM-like RGB image (R == G == B) of `class_name`, `size` = (width, height).
 
     `info_bar` is None, "bright" or "dark"; a bar replaces the bottom rows of the image.
@@ -704,7 +853,8 @@ def _write_image(job: tuple) -> tuple[str, str, str | None]:
     rng = np.random.default_rng([seed, class_index, image_index])
     name = image_name(seed, class_name, image_index)
     render_image(class_name, rng, size, bar).save(
-        pathlib.Path(directory) / class_name / name, "JPEG", quality=JPEG_QUALITY)
+        pathlib.Path(directory) / class_name / name, "JPEG", quality=JPEG_QUALITY
+    )
     return class_name, name, bar
 
 
@@ -722,21 +872,27 @@ def _is_complete(root: pathlib.Path, params: dict) -> bool:
     files = marker.get("files", {})
     expected = params["images_per_class"]
     return all(
-        len(files.get(c, [])) == expected and all((root / c / f["name"]).is_file() for f in files[c])
+        len(files.get(c, [])) == expected
+        and all((root / c / f["name"]).is_file() for f in files[c])
         for c in CLASSES
     )
 
 
-def _replace_dir(root: pathlib.Path, fresh: pathlib.Path) -> None:
-    """Swap a finished directory in for `root`, refusing to delete anything it did not write."""
+def _refuse_foreign(root: pathlib.Path) -> None:
+    """Only a generated set (or nothing) may sit at `root`: it is deleted on regeneration."""
+    if not root.exists():
+        return
+    ours = set(CLASSES) | {MARKER_NAME}
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in ours)
+    if foreign:
+        raise FileExistsError(
+            f"{root} holds files that are not a generated SEM set ({', '.join(foreign[:5])}); "
+            "choose another root or empty it"
+        )
+
+
+def _swap_in(root: pathlib.Path, fresh: pathlib.Path) -> None:
     if root.exists():
-        ours = set(CLASSES) | {MARKER_NAME}
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in ours)
-        if foreign:
-            raise FileExistsError(
-                f"{root} holds files that are not a generated SEM set ({', '.join(foreign[:5])}); "
-                "choose another root or empty it"
-            )
         old = root.with_name(f".{root.name}.old-{os.getpid()}")
         root.rename(old)
         fresh.rename(root)
@@ -745,8 +901,14 @@ def _replace_dir(root: pathlib.Path, fresh: pathlib.Path) -> None:
         fresh.rename(root)
 
 
-def generate_dataset(root, images_per_class: int, seed: int = 0, info_bar_share: float = 0.6,
-                     size: tuple[int, int] = (1024, 768), workers: int = 2) -> pathlib.Path:
+def generate_dataset(
+    root,
+    images_per_class: int,
+    seed: int = 0,
+    info_bar_share: float = 0.6,
+    size: tuple[int, int] = (1024, 768),
+    workers: int = 2,
+) -> pathlib.Path:
     """Write `images_per_class` images per class under `root`/<Class>/ and return `root`.
 
     A marker file records the parameters and every file; when it matches and the files are
@@ -768,6 +930,7 @@ def generate_dataset(root, images_per_class: int, seed: int = 0, info_bar_share:
     }
     if _is_complete(root, params):
         return root
+    _refuse_foreign(root)
 
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = root.with_name(f".{root.name}.partial-{os.getpid()}")
@@ -775,8 +938,11 @@ def generate_dataset(root, images_per_class: int, seed: int = 0, info_bar_share:
     for class_name in CLASSES:
         (staging / class_name).mkdir(parents=True)
     bars = [info_bar_kind(seed, i, info_bar_share) for i in range(images_per_class)]
-    jobs = [(str(staging), seed, c, i, size, bars[i])
-            for c in range(len(CLASSES)) for i in range(images_per_class)]
+    jobs = [
+        (str(staging), seed, c, i, size, bars[i])
+        for c in range(len(CLASSES))
+        for i in range(images_per_class)
+    ]
     try:
         if workers <= 1:
             written = [_write_image(job) for job in jobs]
@@ -790,7 +956,7 @@ def generate_dataset(root, images_per_class: int, seed: int = 0, info_bar_share:
         for class_name, name, bar in written:
             files[class_name].append({"name": name, "info_bar": bar})
         (staging / MARKER_NAME).write_text(json.dumps({"params": params, "files": files}, indent=1))
-        _replace_dir(root, staging)
+        _swap_in(root, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
@@ -801,15 +967,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default="data/synthetic", help="output folder")
     parser.add_argument("--images-per-class", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--info-bar-share", type=float, default=0.6,
-                        help="share of images with an instrument info bar at the bottom")
+    parser.add_argument(
+        "--info-bar-share",
+        type=float,
+        default=0.6,
+        help="share of images with an instrument info bar at the bottom",
+    )
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    root = generate_dataset(args.root, args.images_per_class, seed=args.seed,
-                            info_bar_share=args.info_bar_share, size=(args.width, args.height),
-                            workers=args.workers)
+    root = generate_dataset(
+        args.root,
+        args.images_per_class,
+        seed=args.seed,
+        info_bar_share=args.info_bar_share,
+        size=(args.width, args.height),
+        workers=args.workers,
+    )
     total = args.images_per_class * len(CLASSES)
     print(f"{total} images ({args.images_per_class} per class, {len(CLASSES)} classes) in {root}")
 
