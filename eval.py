@@ -19,7 +19,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from sem_cls.errors import UserError  # noqa: E402
 from sem_cls.models.classifier import SEMClassifier  # noqa: E402
-from sem_cls.runner import exits_on_user_error, instantiate_group, print_summary  # noqa: E402
+from sem_cls.runner import build_trainer, exits_on_user_error, print_summary  # noqa: E402
 from sem_cls.tracking import mlflow_loggers  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "This split differs from the one the checkpoint was trained with (other data or "
             "seed): test images may have been seen in training."
         )
-    datamodule.data_config = model.data_config
-    if model.frozen:
-        datamodule.frozen_backbone = model.backbone
-    trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
-    )
+    datamodule.attach_model(model)
+    trainer = build_trainer(cfg)
     for logger in mlflow_loggers(trainer.loggers):
         tags = {
             "ckpt_path": str(Path(cfg.ckpt_path).resolve()),

@@ -15,11 +15,7 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from sem_cls.runner import (  # noqa: E402
-    exits_on_user_error,
-    instantiate_group,
-    print_summary,
-)
+from sem_cls.runner import build_trainer, exits_on_user_error, print_summary  # noqa: E402
 from sem_cls.tracking import log_run_context  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -31,14 +27,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     model = hydra.utils.instantiate(cfg.model, class_names=datamodule.class_names, _convert_="all")
-    datamodule.data_config = model.data_config
-    if model.frozen:
-        datamodule.frozen_backbone = model.backbone
-    trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
-    )
+    datamodule.attach_model(model)
+    trainer = build_trainer(cfg)
     log_run_context(trainer.loggers, cfg, datamodule, Path(cfg.paths.output_dir, ".hydra"))
 
     trainer.fit(model, datamodule=datamodule)

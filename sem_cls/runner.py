@@ -24,6 +24,15 @@ def instantiate_group(group: DictConfig | None) -> list:
     ]
 
 
+def build_trainer(cfg: DictConfig):
+    """The Lightning Trainer of `cfg.trainer` with the configured callbacks and loggers."""
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+    )
+
+
 def _user_error_in(err: BaseException | None) -> UserError | None:
     """The UserError behind `err`; hydra.utils.instantiate wraps what a constructor raises."""
     while err is not None and not isinstance(err, UserError):

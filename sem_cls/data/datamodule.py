@@ -150,6 +150,11 @@ class SEMDataModule(L.LightningDataModule):
         self.splits: dict[str, list[tuple[Path, int]]] = {}
         self._class_names: list[str] | None = None
 
+    def attach_model(self, model) -> None:
+        """Use the model's input size and normalisation, and its features when frozen."""
+        self.data_config = model.data_config
+        self.frozen_backbone = model.backbone if model.frozen else None
+
     def prepare_data(self) -> None:
         """Generate the built-in dataset into `data_dir` when configured (once; then reused)."""
         if self.synthetic:
