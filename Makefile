@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo train test lint format ui clean
+.PHONY: help venv demo train test lint format ui bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -40,6 +40,11 @@ format: $(STAMP)  ## ruff format and autofix
 ui: $(STAMP)  ## the MLflow UI for this project's runs, on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db
+
+bench: $(STAMP)  ## the benchmarks of the README's Performance section (about 30 minutes)
+	$(PY) bench/throughput.py
+	$(PY) bench/cache_sweep.py
+	$(PY) bench/memory.py
 
 clean:  ## remove outputs, keep data, mlruns and .venv
 	rm -rf logs .pytest_cache

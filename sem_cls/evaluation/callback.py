@@ -46,7 +46,11 @@ class EvaluationReports(Callback):
     def _write(self, trainer, pl_module, split, targets, preds):
         out_dir = self.output_dir / split
         paths = write_reports(
-            out_dir, targets.cpu().numpy(), preds.cpu().numpy(), pl_module.class_names, split
+            out_dir,
+            targets.cpu().numpy(),
+            preds.cpu().numpy(),
+            pl_module.class_names,
+            f"{split}: {len(targets)} images, accuracy {(targets == preds).float().mean():.3f}",
         )
         log.info("%s reports in %s", split, out_dir)
         log_artifacts(trainer.loggers, paths, f"reports/{split}")

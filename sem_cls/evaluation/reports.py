@@ -34,6 +34,7 @@ def write_reports(
     ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
         ax=ax, cmap="Blues", xticks_rotation=45, colorbar=False
     )
+    plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")  # long class names
     ax.set_title(title)
     fig.tight_layout()
     matrix_png = out_dir / "confusion_matrix.png"
