@@ -174,3 +174,13 @@ def test_bf16_features_cost_at_most_half_a_point(tiny_sem_dir, tmp_path):
         accuracy[bf16] = linear_probe_accuracy(np.asarray(features), labels)
     print(f"linear probe accuracy: fp32 {accuracy[False]:.4f}, bf16 {accuracy[True]:.4f}")
     assert abs(accuracy[True] - accuracy[False]) <= 0.005
+
+
+def test_fine_tuning_bypasses_the_cache(tiny_sem_dir, tmp_path):
+    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, cache_dir=str(tmp_path))
+    model = SEMClassifier(datamodule.class_names, **LITE0, freeze=False)
+    datamodule.attach_model(model)
+    datamodule.setup("fit")
+    images, _ = next(iter(datamodule.train_dataloader()))
+    assert images.ndim == 4, "a backbone that learns needs images, not cached features"
+    assert not list(tmp_path.rglob("*.npy"))
