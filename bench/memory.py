@@ -27,9 +27,9 @@ def rss_mib(pid: int) -> tuple[float, float]:
         fields = dict(
             line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
         )
-    except (FileNotFoundError, ProcessLookupError):
+        return tuple(int(fields[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile"))
+    except (FileNotFoundError, ProcessLookupError, KeyError):  # exited, or a zombie
         return 0.0, 0.0
-    return tuple(int(fields[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile"))
 
 
 def peak_memory(data_dir: Path, work: Path) -> tuple[float, float, float]:
