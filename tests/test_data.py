@@ -25,6 +25,11 @@ def test_split_is_stratified_disjoint_and_seeded():
     assert split != stratified_split(labels, (0.5, 0.25, 0.25), seed=2)
 
 
+def test_split_ratios_must_be_three_positive_shares_of_one():
+    with pytest.raises(UserError, match=r"data.split=\[0.5, 0.5, 0.0\]"):
+        stratified_split([0, 1] * 10, (0.5, 0.5, 0.0), seed=0)
+
+
 def test_split_too_small_for_the_classes_is_a_clear_error():
     with pytest.raises(UserError, match="Add images to the smallest classes"):
         stratified_split([0, 0, 1, 1], (0.7, 0.15, 0.15), seed=0)

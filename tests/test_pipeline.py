@@ -2,6 +2,8 @@
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +117,27 @@ def test_eval_reproduces_test_accuracy(trained_run, tmp_path):
     )
     assert eval_run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
     assert "reports/test/confusion_matrix.csv" in artifact_paths(client, eval_run.info.run_id)
+
+
+def test_eval_refuses_data_with_other_classes(trained_run, tmp_path):
+    from eval import evaluate
+    from sem_cls.errors import UserError
+
+    cfg, _, client, run = trained_run
+    best = next(
+        p
+        for p in artifact_paths(client, run.info.run_id)
+        if p.endswith(".ckpt") and "last" not in p
+    )
+    ckpt_path = client.download_artifacts(run.info.run_id, best, str(tmp_path))
+    other = tmp_path / "other"
+    source = sorted(Path(cfg.data.data_dir).glob("*/*.jpg"))[0]
+    for name in ("Fibres", "Nanowires", "Unknown_class"):
+        for index in range(8):
+            (other / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, other / name / f"{index}.jpg")
+    eval_cfg = compose_config(
+        "eval", tmp_path, [f"ckpt_path={ckpt_path}", f"data.data_dir={other}", "data.num_workers=0"]
+    )
+    with pytest.raises(UserError, match="Unknown_class"):
+        evaluate(eval_cfg)
