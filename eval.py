@@ -1,7 +1,9 @@
-"""Evaluate a checkpoint on the test split of a data config; log the reports to MLflow.
+"""Evaluate a checkpoint on the test split of a data config, and on external folders; log the
+reports to MLflow.
 
     python eval.py ckpt_path=logs/train/runs/<time>/checkpoints/epoch_004.ckpt
     python eval.py ckpt_path=... data=synthetic        # the data the demo trained on
+    python eval.py ckpt_path=... 'external=[/data/lab_b,/data/lab_c]'   # reported one by one
 
 The results go to a new MLflow run tagged with the training run it evaluates.
 """
@@ -43,6 +45,17 @@ def load_checkpoint(path: Path) -> tuple[SEMClassifier, dict]:
     return model, checkpoint
 
 
+def external_folders(folders: list[str]) -> dict[str, Path]:
+    """External `<Class>/` folders by the name their results are logged under (folder name)."""
+    named = {}
+    for index, folder in enumerate(map(Path, folders)):
+        if not folder.is_dir():
+            raise UserError(f"External folder {folder} does not exist (in external=...).")
+        # Two folders of one name (a/test, b/test) are told apart by their place in the list.
+        named[folder.name if folder.name not in named else f"{folder.name}_{index}"] = folder
+    return named
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     model, checkpoint = load_checkpoint(Path(cfg.ckpt_path))
@@ -70,8 +83,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             tags["evaluated_run_id"] = checkpoint["mlflow_run_id"]
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
+    # External folders are checked before anything runs, so a wrong one costs no evaluation.
+    externals = {
+        name: datamodule.external_samples(folder, model.class_names)
+        for name, folder in external_folders(cfg.get("external") or []).items()
+    }
     trainer.test(model, datamodule=datamodule)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    for name, samples in externals.items():
+        seen = {row["sha256"] for row in datamodule.manifest} & {s.sha256 for s in samples}
+        if seen:
+            log.warning(
+                "%d images of external/%s are also in %s.", len(seen), name, datamodule.data_dir
+            )
+        model.test_split = f"external/{name}"
+        trainer.test(model, dataloaders=datamodule.loader(model.test_split, samples))
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     print_summary(trainer.loggers, metrics, cfg)
     return metrics
 

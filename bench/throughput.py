@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sem_cls.data.datamodule import SEMDataModule, SEMImageDataset  # noqa: E402
+from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
 from sem_cls.data.synthetic import generate_dataset  # noqa: E402
 from sem_cls.models.feature_cache import extract_features  # noqa: E402
 
@@ -44,10 +44,8 @@ def best_of(runs: int, measure) -> float:
 
 def pipeline(backbone, datamodule, batch_size: int, num_workers: int, bf16: bool) -> float:
     """img/s of decode + crop + resize + backbone over every image; run after `ceiling`."""
-    samples = [sample for split in datamodule.splits.values() for sample in split]
-    dataset = SEMImageDataset(
-        samples, datamodule.info_bar, datamodule.transform, datamodule.decode_side
-    )
+    samples = [sample for split in datamodule.samples.values() for sample in split]
+    dataset = datamodule.image_dataset(samples)
     out = torch.empty(len(dataset), backbone.num_features).numpy()
     start = time.perf_counter()
     extract_features(backbone, dataset, batch_size, num_workers, bf16, out)

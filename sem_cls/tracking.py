@@ -1,8 +1,6 @@
 """MLflow bookkeeping: the run's config, code version, data split and files."""
 
-import csv
 import subprocess
-import tempfile
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
@@ -36,7 +34,9 @@ def git_state(repo_dir: Path) -> dict[str, str]:
 
 
 def log_run_context(loggers, cfg: DictConfig, datamodule, hydra_dir: Path) -> None:
-    """Config as params; git and split fingerprint as tags; .hydra/ and split.csv as files."""
+    """Config as params; git and split fingerprint as tags; .hydra/, manifest and ingest report
+    as files (also kept in the run's output folder, under data/)."""
+    data_files = datamodule.write_data_files(Path(cfg.paths.output_dir) / "data")
     tags = {
         **git_state(Path(cfg.paths.root_dir)),
         "data_dir": str(datamodule.data_dir),
@@ -48,10 +48,4 @@ def log_run_context(loggers, cfg: DictConfig, datamodule, hydra_dir: Path) -> No
             logger.experiment.set_tag(logger.run_id, key, value)
         if hydra_dir.is_dir():  # absent when composed outside a Hydra run, as in tests
             logger.experiment.log_artifacts(logger.run_id, str(hydra_dir), "hydra")
-        with tempfile.TemporaryDirectory() as tmp:
-            split_csv = Path(tmp) / "split.csv"
-            with split_csv.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=["split", "class", "path"])
-                writer.writeheader()
-                writer.writerows(datamodule.split_table())
-            logger.experiment.log_artifact(logger.run_id, str(split_csv), "data")
+        logger.experiment.log_artifacts(logger.run_id, str(data_files), "data")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sem_cls.data.datamodule import SEMDataModule, stratified_split
+from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.infobar import InfoBarCrop
+from sem_cls.data.splits import group_split
 from sem_cls.data.synthetic import CLASSES, render_image
 from sem_cls.errors import DataNotFoundError, UserError
 
@@ -15,30 +16,35 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "sem-real"
 
 
 def test_split_is_stratified_disjoint_and_seeded():
-    labels = [c for c in range(4) for _ in range(20)]
-    split = stratified_split(labels, (0.5, 0.25, 0.25), seed=1)
-    assert sorted(split["train"] + split["val"] + split["test"]) == list(range(80))
-    for name, size in (("train", 10), ("val", 5), ("test", 5)):
-        counts = np.bincount([labels[i] for i in split[name]], minlength=4)
-        assert counts.tolist() == [size] * 4, name
-    assert split == stratified_split(labels, (0.5, 0.25, 0.25), seed=1)
-    assert split != stratified_split(labels, (0.5, 0.25, 0.25), seed=2)
+    labels = np.array([c for c in range(4) for _ in range(20)])
+    groups = np.arange(80)  # no duplicates
+    split = group_split(labels, groups, (0.5, 0.25, 0.25), seed=1)
+    for index, size in ((0, 10), (1, 5), (2, 5)):
+        counts = np.bincount(labels[split == index], minlength=4)
+        assert counts.tolist() == [size] * 4, index
+    assert (split == group_split(labels, groups, (0.5, 0.25, 0.25), seed=1)).all()
+    assert (split != group_split(labels, groups, (0.5, 0.25, 0.25), seed=2)).any()
 
 
 def test_split_ratios_must_be_three_positive_shares_of_one():
     with pytest.raises(UserError, match=r"data.split=\[0.5, 0.5, 0.0\]"):
-        stratified_split([0, 1] * 10, (0.5, 0.5, 0.0), seed=0)
+        group_split(np.array([0, 1] * 10), np.arange(20), (0.5, 0.5, 0.0), seed=0)
 
 
-def test_split_too_small_for_the_classes_is_a_clear_error():
-    with pytest.raises(UserError, match="Add images to the smallest classes"):
-        stratified_split([0, 0, 1, 1], (0.7, 0.15, 0.15), seed=0)
+def test_class_too_small_to_split_is_a_clear_error_naming_it(tmp_path):
+    for name, count in (("Fibres", 2), ("Tips", 12)):
+        (tmp_path / name).mkdir()
+        for index in range(count):
+            image = render_image(name, np.random.default_rng(index), info_bar=None)
+            image.resize((128, 96)).save(tmp_path / name / f"{index}.jpg")
+    with pytest.raises(UserError, match="Class 'Fibres' has too few images to split"):
+        SEMDataModule(str(tmp_path), num_workers=0).class_names  # noqa: B018
 
 
 def test_datamodule_reads_the_folder_layout(tiny_sem_dir):
     datamodule = SEMDataModule(str(tiny_sem_dir), seed=3)
     assert datamodule.class_names == sorted(CLASSES)
-    total = sum(len(items) for items in datamodule.splits.values())
+    total = sum(len(items) for items in datamodule.samples.values())
     assert total == len(list(tiny_sem_dir.glob("*/*.jpg")))
     again = SEMDataModule(str(tiny_sem_dir), seed=3)
     assert again.split_fingerprint() == datamodule.split_fingerprint()
@@ -47,7 +53,7 @@ def test_datamodule_reads_the_folder_layout(tiny_sem_dir):
 
 def test_empty_data_folder_is_a_clear_error(tmp_path):
     (tmp_path / "Particles").mkdir()
-    with pytest.raises(DataNotFoundError, match="holds no <Class>/ folders with images"):
+    with pytest.raises(DataNotFoundError, match="holds no <Class>/ folders with usable images"):
         SEMDataModule(str(tmp_path)).class_names  # noqa: B018
 
 

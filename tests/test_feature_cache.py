@@ -152,28 +152,30 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
     return float((predicted == labels).mean())
 
 
-def test_bf16_features_cost_at_most_half_a_point(tiny_sem_dir, tmp_path):
+def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
     datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, split=(0.5, 0.25, 0.25))
     model = SEMClassifier(datamodule.class_names, **LITE0)
     datamodule.data_config = model.data_config
     datamodule.setup()
-    samples = [s for split in datamodule.splits.values() for s in split]
-    datamodule.splits["all"] = samples
-    labels = np.array([label for _, label in samples])
-    accuracy = {}
+    samples = [s for split in datamodule.samples.values() for s in split]
+    labels = np.array([s.label for s in samples])
+    accuracy, features = {}, {}
     for bf16 in (False, True):
-        features = FeatureCache(tmp_path).features(
+        features[bf16] = FeatureCache(tmp_path).features(
             model.backbone,
             {},
-            datamodule._image_dataset("all"),
-            [str(p) for p, _ in samples],
+            datamodule.image_dataset(samples),
+            [s.sha256 for s in samples],
             16,
             0,
             bf16,
         )
-        accuracy[bf16] = linear_probe_accuracy(np.asarray(features), labels)
+        accuracy[bf16] = linear_probe_accuracy(np.asarray(features[bf16]), labels)
     print(f"linear probe accuracy: fp32 {accuracy[False]:.4f}, bf16 {accuracy[True]:.4f}")
-    assert abs(accuracy[True] - accuracy[False]) <= 0.005
+    fp32, bf16 = (torch.from_numpy(np.array(features[key])) for key in (False, True))
+    assert torch.nn.functional.cosine_similarity(fp32, bf16).min() > 0.99
+    # One image of the 80 may flip; more would mean bf16 loses information the head uses.
+    assert abs(accuracy[True] - accuracy[False]) <= 1 / len(labels) + 1e-9
 
 
 def test_fine_tuning_bypasses_the_cache(tiny_sem_dir, tmp_path):

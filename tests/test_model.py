@@ -9,7 +9,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from timm.data import resolve_model_data_config
 from torch.utils.data import DataLoader
 
-from sem_cls.data.datamodule import SEMDataModule, SEMImageDataset
+from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.errors import PretrainedWeightsUnavailable, UserError
 from sem_cls.models.backbones import create_backbone
 from sem_cls.models.classifier import SEMClassifier
@@ -65,11 +65,11 @@ def linear_probe_accuracy(data_dir, pretrained: bool) -> float:
     backbone = create_backbone("tf_efficientnet_lite0", pretrained, LITE0["weights_file"]).eval()
     datamodule = tiny_datamodule(data_dir, resolve_model_data_config(backbone))
     datamodule.setup("fit")
-    samples = [sample for split in datamodule.splits.values() for sample in split]
-    loader = DataLoader(SEMImageDataset(samples, datamodule.info_bar, datamodule.transform), 16)
+    samples = [sample for split in datamodule.samples.values() for sample in split]
+    loader = DataLoader(datamodule.image_dataset(samples), 16)
     with torch.inference_mode():
         features = torch.cat([backbone(x) for x, _ in loader]).numpy()
-    labels = np.array([label for _, label in samples])
+    labels = np.array([sample.label for sample in samples])
     # Every image is scored once: steadier than one small test split.
     folds = StratifiedKFold(n_splits=4, shuffle=True, random_state=0)
     predicted = cross_val_predict(LogisticRegression(max_iter=3000), features, labels, cv=folds)
@@ -111,3 +111,46 @@ def test_local_weights_file_is_loaded(tmp_path):
 def test_unknown_backbone_suggests_close_names():
     with pytest.raises(UserError, match="inception_v3"):
         create_backbone("inceptoin_v3", pretrained=False)
+
+
+def test_balanced_class_weighting_weighs_the_training_loss_by_inverse_frequency(tiny_sem_dir):
+    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, batch_size=16)
+    model = SEMClassifier(
+        datamodule.class_names,
+        backbone="resnet18",
+        pretrained=False,
+        class_weighting="balanced",
+        label_smoothing=0.1,
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
+    )
+    datamodule.samples["train"] = datamodule.samples["train"][3:]  # Biological now rarer
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False)
+    trainer.datamodule = datamodule  # what fit() sets before calling setup
+    model.trainer = trainer
+    model.setup("fit")
+    counts = datamodule.class_counts("train")
+    expected = counts.sum() / (len(counts) * counts)
+    assert torch.allclose(model.class_weights, torch.tensor(expected, dtype=torch.float32))
+    assert model.class_weights[0] == model.class_weights.max() > 1
+
+    features = torch.randn(6, model.backbone.num_features)  # as the feature cache gives them
+    targets = torch.tensor([0, 0, 1, 2, 3, 4])
+    loss, logits, _ = model._step((features, targets), training=True)
+    reference = torch.nn.functional.cross_entropy(
+        logits, targets, weight=model.class_weights, label_smoothing=0.1
+    )
+    assert torch.isclose(loss, reference)
+    plain, _, _ = model._step((features, targets))  # evaluation losses stay unweighted
+    assert torch.isclose(plain, torch.nn.functional.cross_entropy(logits, targets))
+
+
+@pytest.mark.parametrize(
+    ("option", "match"),
+    [
+        (dict(class_weighting="inverse"), r"model.class_weighting='inverse' is not one of"),
+        (dict(label_smoothing=1.5), r"model.label_smoothing=1.5 must be in \[0, 1\)"),
+    ],
+)
+def test_bad_loss_options_are_named(option, match):
+    with pytest.raises(UserError, match=match):
+        SEMClassifier(["a", "b"], backbone="resnet18", pretrained=False, **option)

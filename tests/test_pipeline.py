@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sem_cls.data.splits import fingerprint, read_manifest
 from tests.conftest import compose_config
 
 METRICS = [
@@ -52,10 +53,12 @@ def test_run_records_config_code_and_split(trained_run):
     tags = run.data.tags
     assert len(tags["data_split_fingerprint"]) == 64
     assert tags["git_commit"]
-    split_csv = client.download_artifacts(run.info.run_id, "data/split.csv")
-    with open(split_csv) as f:
-        rows = list(csv.DictReader(f))
+    manifest = client.download_artifacts(run.info.run_id, "data/manifest.csv")
+    rows = read_manifest(Path(manifest))
     assert {row["split"] for row in rows} == {"train", "val", "test"}
+    assert fingerprint(rows) == tags["data_split_fingerprint"]
+    report = client.download_artifacts(run.info.run_id, "data/ingest_report.csv")
+    assert Path(report).read_text().startswith("path,class,error")
 
 
 def test_run_logs_reports_and_checkpoint(trained_run):
@@ -88,10 +91,13 @@ def test_test_reports_match_test_metrics(trained_run, tiny_sem_dir):
     )
 
 
-def test_eval_reproduces_test_accuracy(trained_run, tmp_path):
+def test_eval_reproduces_test_accuracy_and_reports_external_folders(trained_run, tmp_path):
     from eval import evaluate
 
     cfg, _, client, run = trained_run
+    lab_b = tmp_path / "lab_b"  # another lab's folder with some of the classes
+    for name in ("Fibres", "Tips"):
+        shutil.copytree(Path(cfg.data.data_dir) / name, lab_b / name)
     checkpoints = [p for p in artifact_paths(client, run.info.run_id) if p.endswith(".ckpt")]
     best = next(p for p in checkpoints if "last" not in p)
     ckpt_path = client.download_artifacts(run.info.run_id, best, str(tmp_path))
@@ -106,9 +112,12 @@ def test_eval_reproduces_test_accuracy(trained_run, tmp_path):
             f"paths.mlruns_dir={cfg.paths.mlruns_dir}",
             f"logger.mlflow.experiment_name={cfg.logger.mlflow.experiment_name}",
             "trainer.enable_progress_bar=false",
+            f"external=[{lab_b}]",
         ],
     )
     metrics = evaluate(eval_cfg)
+    assert 0 <= metrics["external/lab_b/acc"] <= 1
+    assert {"external/lab_b/recall/Fibres", "external/lab_b/f1_macro"} <= set(metrics)
     assert metrics["test/acc"] == pytest.approx(run.data.metrics["test/acc"], abs=1e-6)
     assert metrics["test/f1_macro"] == pytest.approx(run.data.metrics["test/f1_macro"], abs=1e-6)
 
@@ -116,7 +125,33 @@ def test_eval_reproduces_test_accuracy(trained_run, tmp_path):
         [run.info.experiment_id], filter_string=f"tags.evaluated_run_id = '{run.info.run_id}'"
     )
     assert eval_run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
-    assert "reports/test/confusion_matrix.csv" in artifact_paths(client, eval_run.info.run_id)
+    eval_artifacts = artifact_paths(client, eval_run.info.run_id)
+    assert "reports/test/confusion_matrix.csv" in eval_artifacts
+    matrix = client.download_artifacts(
+        eval_run.info.run_id, "reports/external/lab_b/confusion_matrix.csv", str(tmp_path)
+    )
+    with open(matrix) as f:
+        rows = list(csv.reader(f))
+    counts = sum(int(value) for row in rows[1:] for value in row[1:])
+    assert counts == len(list(lab_b.glob("*/*.jpg")))
+
+
+def test_eval_refuses_an_external_folder_with_unknown_classes(trained_run, tmp_path):
+    from eval import evaluate
+    from sem_cls.errors import UserError
+
+    cfg, _, client, run = trained_run
+    odd = tmp_path / "odd"
+    shutil.copytree(Path(cfg.data.data_dir) / "Tips", odd / "Nanotubes")
+    eval_cfg = compose_config(
+        "eval",
+        tmp_path,
+        ["ckpt_path=" + str(next(Path(cfg.paths.output_dir).rglob("*.ckpt"))),
+         f"data.data_dir={cfg.data.data_dir}", "data.synthetic=null", "data.num_workers=0",
+         f"external=[{odd}]"],
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"\['Nanotubes'\].*Known classes: Biological, Fibres"):
+        evaluate(eval_cfg)
 
 
 def test_eval_refuses_data_with_other_classes(trained_run, tmp_path):
@@ -131,11 +166,11 @@ def test_eval_refuses_data_with_other_classes(trained_run, tmp_path):
     )
     ckpt_path = client.download_artifacts(run.info.run_id, best, str(tmp_path))
     other = tmp_path / "other"
-    source = sorted(Path(cfg.data.data_dir).glob("*/*.jpg"))[0]
+    sources = iter(sorted(Path(cfg.data.data_dir).glob("*/*.jpg")))
     for name in ("Fibres", "Nanowires", "Unknown_class"):
-        for index in range(8):
-            (other / name).mkdir(parents=True, exist_ok=True)
-            shutil.copy(source, other / name / f"{index}.jpg")
+        (other / name).mkdir(parents=True)
+        for index in range(8):  # distinct images: duplicates could not be split
+            shutil.copy(next(sources), other / name / f"{index}.jpg")
     eval_cfg = compose_config(
         "eval", tmp_path, [f"ckpt_path={ckpt_path}", f"data.data_dir={other}", "data.num_workers=0"]
     )

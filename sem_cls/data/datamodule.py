@@ -1,97 +1,61 @@
-"""SEMDataModule: `<root>/<Class>/*.jpg` -> stratified train/val/test split -> cropped, resized batches."""
+"""SEMDataModule: `<root>/<Class>/` images -> checked, duplicate-aware split -> cropped batches."""
 
-import hashlib
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
 import timm.data
 import torch
-from PIL import Image
-from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from sem_cls.data import splits as split_lib
+from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, open_image, scale_box
 from sem_cls.data.infobar import InfoBarCrop
+from sem_cls.data.ingest import INGEST_VERSION, Ingest, ingest
 from sem_cls.errors import DataNotFoundError, UserError
-from sem_cls.models.feature_cache import FeatureCache, file_digest
+from sem_cls.models.feature_cache import FeatureCache
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
-SPLITS = ("train", "val", "test")
+SPLITS = split_lib.SPLITS
+SAMPLERS = ("none", "balanced")
 
 
-def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted folder names) and (image path, class index) pairs under `root`."""
-    if not root.is_dir():
-        raise DataNotFoundError(f"Data folder {root} does not exist.")
-    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    samples = [
-        (path, index)
-        for index, name in enumerate(class_names)
-        for path in sorted((root / name).iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not samples:
-        raise DataNotFoundError(
-            f"Data folder {root} holds no <Class>/ folders with images "
-            f"({', '.join(sorted(IMAGE_SUFFIXES))})."
-        )
-    return class_names, samples
+class Sample(NamedTuple):
+    """One image as the loaders see it: where, which class, what to keep, what it holds."""
 
-
-def stratified_split(
-    labels: list[int], ratios: tuple[float, float, float], seed: int
-) -> dict[str, list[int]]:
-    """Indices per split, stratified by class and deterministic from `seed`."""
-    train_ratio, val_ratio, test_ratio = ratios
-    if min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
-        raise UserError(f"data.split={list(ratios)} must be three positive ratios summing to 1.")
-    indices = list(range(len(labels)))
-    try:
-        train, rest = train_test_split(
-            indices, train_size=train_ratio, stratify=labels, random_state=seed
-        )
-        val, test = train_test_split(
-            rest,
-            train_size=val_ratio / (val_ratio + test_ratio),
-            stratify=[labels[i] for i in rest],
-            random_state=seed,
-        )
-    except ValueError as err:
-        raise UserError(
-            f"Cannot split {len(labels)} images by class with ratios {list(ratios)}: {err}. "
-            "Add images to the smallest classes or change data.split."
-        ) from err
-    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+    path: Path
+    label: int
+    crop_box: tuple[int, int, int, int]  # in original pixels
+    size: tuple[int, int]  # original (width, height)
+    sha256: str
 
 
 class SEMImageDataset(Dataset):
-    """Reads an image, crops the info bar, applies the backbone's transform; returns (x, label).
+    """Reads an image, crops its recorded info-bar box, applies the backbone's transform.
 
     JPEGs are decoded at the smallest power-of-two reduction that keeps `min_side` pixels, which
     is several times cheaper than decoding 1024x768 and resizing away most of it.
     """
 
-    def __init__(
-        self, samples: list[tuple[Path, int]], info_bar: InfoBarCrop, transform, min_side: int = 0
-    ):
+    def __init__(self, samples: list[Sample], transform, min_side: int = 0, max_pixels=None):
         self.samples = samples
-        self.info_bar = info_bar
         self.transform = transform
         self.min_side = min_side
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        with Image.open(path) as image:
-            if self.min_side:
-                image.draft("RGB", (self.min_side, self.min_side))
-            image = self.info_bar(image.convert("RGB"))
-        return self.transform(image), label
+        sample = self.samples[index]
+        image, size = open_image(sample.path, "RGB", self.min_side, self.max_pixels)
+        box = scale_box(sample.crop_box, size, image.size)
+        if box != (0, 0, *image.size):
+            image = image.crop(box)
+        return self.transform(image), sample.label
 
 
 class FeatureDataset(Dataset):
@@ -109,12 +73,13 @@ class FeatureDataset(Dataset):
 
 
 class SEMDataModule(L.LightningDataModule):
-    """Folder of `<Class>/` images -> deterministic stratified split -> DataLoaders.
+    """Folder of `<Class>/` images -> ingest -> manifest (split by duplicate groups) -> loaders.
 
-    The transform follows the backbone's own data config (input size, mean/std,
-    interpolation), set through `data_config` before `setup`. With a frozen backbone set in
-    `frozen_backbone` and `cache_features`, batches are its cached features, (B, num_features),
-    instead of images.
+    `prepare_data` checks every file once (see sem_cls.data.ingest); the split keeps exact and
+    near-duplicates together and is stratified and seeded (sem_cls.data.splits), or is read from
+    a `manifest` of an earlier run. The transform follows the backbone's own data config, set
+    through `attach_model` before `setup`. With a frozen backbone and `cache_features`, batches
+    are its cached features, (B, num_features), instead of images.
     """
 
     def __init__(
@@ -130,8 +95,16 @@ class SEMDataModule(L.LightningDataModule):
         bf16: bool = True,
         synthetic: dict | None = None,
         missing_hint: str = "",
+        folds: int | None = None,
+        fold: int = 0,
+        near_duplicate_bits: int = split_lib.NEAR_DUPLICATE_BITS,
+        manifest: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        sampler: str = "none",
     ):
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise UserError(f"data.sampler={sampler!r} is not one of {list(SAMPLERS)}.")
         self.data_dir = Path(data_dir)
         self.split_ratios = tuple(split)
         self.seed = seed
@@ -139,15 +112,23 @@ class SEMDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache_features = cache_features
-        self.feature_cache = FeatureCache(cache_dir) if cache_dir else None
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.feature_cache = FeatureCache(self.cache_dir / "features") if cache_dir else None
         self.bf16 = bf16
         self.synthetic = synthetic
         self.missing_hint = missing_hint
+        self.folds, self.fold = folds, fold
+        self.near_duplicate_bits = near_duplicate_bits
+        self.manifest_path = Path(manifest) if manifest else None
+        self.max_pixels = check_max_pixels(max_pixels)
+        self.sampler = sampler
         self.data_config: dict | None = None
         # Set to the backbone when it is frozen: batches are then its cached features.
         self.frozen_backbone: torch.nn.Module | None = None
         self.features: dict[str, np.ndarray] = {}
-        self.splits: dict[str, list[tuple[Path, int]]] = {}
+        self.samples: dict[str, list[Sample]] = {}
+        self.manifest: list[dict] = []
+        self.ingested: Ingest | None = None
         self._class_names: list[str] | None = None
 
     def attach_model(self, model) -> None:
@@ -156,63 +137,146 @@ class SEMDataModule(L.LightningDataModule):
         self.frozen_backbone = model.backbone if model.frozen else None
 
     def prepare_data(self) -> None:
-        """Generate the built-in dataset into `data_dir` when configured (once; then reused)."""
+        """Generate the built-in dataset when configured, then check every file (once; cached)."""
         if self.synthetic:
             from sem_cls.data.synthetic import generate_dataset
 
             generate_dataset(self.data_dir, **self.synthetic)
+        self.ingest(self.data_dir)
+
+    def ingest(self, folder: Path) -> Ingest:
+        try:
+            result = ingest(
+                folder,
+                cache_dir=self.cache_dir / "ingest" if self.cache_dir else None,
+                max_pixels=self.max_pixels,
+                workers=max(1, self.num_workers),
+            )
+        except DataNotFoundError as err:
+            raise DataNotFoundError(f"{err} {self.missing_hint}".strip()) from None
+        if folder == self.data_dir:
+            self.ingested = result
+            print(f"Ingest of {folder}: {result.summary()}")
+        return result
 
     @property
     def class_names(self) -> list[str]:
         if self._class_names is None:
-            self._scan()
+            self._load_manifest()
         return self._class_names
 
-    def _scan(self) -> None:
-        try:
-            self._class_names, samples = scan_class_folders(self.data_dir)
-        except DataNotFoundError as err:
-            raise DataNotFoundError(f"{err} {self.missing_hint}".strip()) from None
-        indices = stratified_split([label for _, label in samples], self.split_ratios, self.seed)
-        self.splits = {name: [samples[i] for i in indices[name]] for name in SPLITS}
+    def _load_manifest(self) -> None:
+        ingested = self.ingested or self.ingest(self.data_dir)
+        if self.manifest_path:
+            rows = self._checked_manifest(split_lib.read_manifest(self.manifest_path), ingested)
+        else:
+            rows = self._split(ingested)
+        self._class_names = sorted({row["class"] for row in rows})
+        self.manifest = rows
+        label_of = {name: index for index, name in enumerate(self._class_names)}
+        self.samples = {name: [] for name in SPLITS}
+        for row in rows:
+            self.samples[row["split"]].append(self._sample(row, label_of[row["class"]]))
         log.info(
             "%d images in %d classes from %s; split %s",
-            len(samples),
+            len(rows),
             len(self._class_names),
             self.data_dir,
-            {name: len(items) for name, items in self.splits.items()},
+            {name: len(items) for name, items in self.samples.items()},
         )
 
-    def split_fingerprint(self) -> str:
-        """sha256 over (split, class, relative path, size) of every image: equal splits, equal prints."""
-        self.class_names  # noqa: B018 -- scans on first use
-        digest = hashlib.sha256()
-        for name in SPLITS:
-            for path, label in self.splits[name]:
-                relative = path.relative_to(self.data_dir).as_posix()
-                digest.update(f"{name}\t{label}\t{relative}\t{path.stat().st_size}\n".encode())
-        return digest.hexdigest()
+    def _sample(self, row: dict, label: int, root: Path | None = None) -> Sample:
+        box = tuple(row[key] for key in ("crop_left", "crop_top", "crop_right", "crop_bottom"))
+        size = (row["width"], row["height"])
+        return Sample((root or self.data_dir) / row["path"], label, box, size, row["sha256"])
 
-    def split_table(self) -> list[dict]:
-        """One row per image: split, class and path relative to the data folder."""
-        return [
-            {
-                "split": name,
-                "class": self.class_names[label],
-                "path": path.relative_to(self.data_dir).as_posix(),
-            }
-            for name in SPLITS
-            for path, label in self.splits[name]
-        ]
+    def _rows(self, records: list[dict]) -> list[dict]:
+        """Manifest rows of ingest records, with the crop box of the configured info-bar mode."""
+        rows = []
+        for record in records:
+            box = self.info_bar.box(record["width"], record["height"], record["bar_top"])
+            row = {key: record[key] for key in ("path", "class", "sha256", "width", "height")}
+            row.update(zip(("crop_left", "crop_top", "crop_right", "crop_bottom"), box))
+            rows.append(row)
+        return rows
+
+    def _split(self, ingested: Ingest) -> list[dict]:
+        records = ingested.images
+        label_of = {name: index for index, name in enumerate(ingested.class_names)}
+        labels = np.array([label_of[r["class"]] for r in records])
+        groups = split_lib.duplicate_groups(
+            [r["sha256"] for r in records], [r["phash"] for r in records], self.near_duplicate_bits
+        )
+        split = split_lib.group_split(labels, groups, self.split_ratios, self.seed)
+        if self.folds is not None:
+            split = split_lib.fold_split(labels, groups, split, self.folds, self.fold, self.seed)
+        split_lib.check_every_class_in_every_split(ingested.class_names, labels, split)
+        rows = self._rows(records)
+        for row, group, index in zip(rows, groups.tolist(), split.tolist(), strict=True):
+            row.update(group=group, split=SPLITS[index])
+        return rows
+
+    def _checked_manifest(self, rows: list[dict], ingested: Ingest) -> list[dict]:
+        """The rows of a given manifest, if every image is still there, usable and unchanged."""
+        current = {r["path"]: r["sha256"] for r in ingested.images}
+        changed = [row["path"] for row in rows if current.get(row["path"]) != row["sha256"]]
+        if changed:
+            raise UserError(
+                f"{len(changed)} images of data.manifest={self.manifest_path} are missing, "
+                f"unusable or changed in {self.data_dir}, e.g. {', '.join(changed[:3])}. Use the "
+                "data the manifest was made from, or drop data.manifest to split anew."
+            )
+        return rows
+
+    def split_manifest(self) -> list[dict]:
+        """One row per image: path, class, split, sha256, duplicate group, size, crop box."""
+        self.class_names  # noqa: B018 -- builds the manifest on first use
+        return self.manifest
+
+    def split_fingerprint(self) -> str:
+        """sha256 over (path, class, split, content) of every image: equal splits, equal prints."""
+        self.class_names  # noqa: B018 -- builds the manifest on first use
+        return split_lib.fingerprint(self.manifest)
+
+    def write_data_files(self, folder: Path) -> Path:
+        """manifest.csv (the split, reusable as data.manifest) and ingest_report.csv (files left
+        out, and why) into `folder`."""
+        self.class_names  # noqa: B018 -- builds the manifest on first use
+        folder.mkdir(parents=True, exist_ok=True)
+        split_lib.write_manifest(self.manifest, folder / "manifest.csv")
+        if self.ingested:
+            self.ingested.write_report(folder / "ingest_report.csv")
+        return folder
+
+    def class_counts(self, split: str) -> np.ndarray:
+        """Images per class in `split`, in class-index order."""
+        self.class_names  # noqa: B018 -- builds the manifest on first use
+        labels = [sample.label for sample in self.samples[split]]
+        return np.bincount(labels, minlength=len(self.class_names))
 
     def state_dict(self) -> dict:
         # Saved in every checkpoint, so evaluation can tell whether it sees the same split.
         return {"class_names": self.class_names, "split_fingerprint": self.split_fingerprint()}
 
+    def external_samples(self, folder: Path, class_names: list[str]) -> list[Sample]:
+        """Every usable image of another `<Class>/` folder, labelled by `class_names`."""
+        ingested = self.ingest(folder)
+        unknown = sorted(set(ingested.class_names) - set(class_names))
+        if unknown:
+            raise UserError(
+                f"External folder {folder} has class folders {unknown} that the model does not "
+                f"know. Known classes: {', '.join(class_names)}. Rename or remove those folders."
+            )
+        label_of = {name: index for index, name in enumerate(class_names)}
+        return [
+            self._sample(row, label_of[row["class"]], root=folder)
+            for row in self._rows(ingested.images)
+        ]
+
     def setup(self, stage: str | None = None) -> None:
         if self.data_config is None:
             raise RuntimeError("Set SEMDataModule.data_config from the backbone before setup().")
-        self.class_names  # noqa: B018 -- scans on first use
+        self.class_names  # noqa: B018 -- builds the manifest on first use
         # Frozen-backbone baseline: the evaluation transform (resize + centre crop) for every split.
         self.transform = timm.data.create_transform(**self.data_config, is_training=False)
         # The transform resizes the short side to input/crop_pct; 10% more covers a typical info
@@ -225,47 +289,59 @@ class SEMDataModule(L.LightningDataModule):
         if not self.use_cache:
             log.info("Feature cache off: the backbone runs on every batch of every epoch.")
 
-    def split_features(self, split: str) -> np.ndarray:
+    def split_features(self, split: str, samples: list[Sample] | None = None) -> np.ndarray:
         """The frozen backbone's features of a split, from the cache or extracted into it."""
         if split not in self.features:
+            samples = samples if samples is not None else self.samples[split]
             preprocessing = {
-                "info_bar": self.info_bar.mode,
+                "ingest": INGEST_VERSION,
                 "decode_side": self.decode_side,
                 "transform": repr(self.transform),
             }
             self.features[split] = self.feature_cache.features(
                 self.frozen_backbone,
                 preprocessing,
-                self._image_dataset(split),
-                [file_digest(path) for path, _ in self.splits[split]],
+                self.image_dataset(samples),
+                # Content and crop: the same bytes cropped otherwise give other features.
+                [f"{s.sha256}:{s.crop_box}" for s in samples],
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
                 bf16=self.bf16,
             )
         return self.features[split]
 
-    def _image_dataset(self, split: str) -> "SEMImageDataset":
-        return SEMImageDataset(self.splits[split], self.info_bar, self.transform, self.decode_side)
+    def image_dataset(self, samples: list[Sample]) -> SEMImageDataset:
+        return SEMImageDataset(samples, self.transform, self.decode_side, self.max_pixels)
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def loader(self, split: str, samples: list[Sample] | None = None, train=False) -> DataLoader:
+        """Batches of a split (or of `samples`, named `split`): cached features or images."""
+        samples = samples if samples is not None else self.samples[split]
+        sampler = None
+        if train and self.sampler == "balanced":
+            # Every class drawn equally often: each image weighs 1 / (its class's count).
+            counts = self.class_counts("train")
+            weights = [1.0 / counts[s.label] for s in samples]
+            sampler = WeightedRandomSampler(weights, num_samples=len(samples), replacement=True)
+        shuffle = train and sampler is None
         if self.use_cache:
             # Rows of a memory-mapped matrix: cheaper to read in-process than to ship to workers.
-            labels = [label for _, label in self.splits[split]]
-            dataset = FeatureDataset(self.split_features(split), labels)
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle)
+            features = self.split_features(split, samples)
+            dataset = FeatureDataset(features, [s.label for s in samples])
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler)
         return DataLoader(
-            self._image_dataset(split),
+            self.image_dataset(samples),
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self.loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self.loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self.loader("test")

@@ -40,10 +40,15 @@ class InfoBarCrop:
     def crop_box(self, image: Image.Image) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the region to keep."""
         width, height = image.size
+        bar_top = detect_bar_top(np.asarray(image.convert("L"))) if self.mode == "auto" else height
+        return self.box(width, height, bar_top)
+
+    def box(self, width: int, height: int, bar_top: int) -> tuple[int, int, int, int]:
+        """The region to keep of a `width` x `height` image whose bar was detected at `bar_top`."""
         if self.mode == "none":
             return 0, 0, width, height
         if self.mode == "auto":
-            return 0, 0, width, detect_bar_top(np.asarray(image.convert("L")))
+            return 0, 0, width, bar_top
         return 0, 0, width, max(1, height - self.mode)
 
     def __call__(self, image: Image.Image) -> Image.Image:

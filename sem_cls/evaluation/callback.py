@@ -41,7 +41,7 @@ class EvaluationReports(Callback):
     def on_test_end(self, trainer, pl_module):
         targets, preds = pl_module.predictions()
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, "test", targets, preds)
+            self._write(trainer, pl_module, pl_module.test_split, targets, preds)
 
     def _write(self, trainer, pl_module, split, targets, preds):
         out_dir = self.output_dir / split

@@ -8,9 +8,12 @@ from timm.data import resolve_model_data_config
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.aggregation import CatMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
+from sem_cls.errors import UserError
 from sem_cls.models import backbones
+
+CLASS_WEIGHTINGS = ("none", "balanced")
 
 
 class SEMClassifier(LightningModule):
@@ -28,8 +31,16 @@ class SEMClassifier(LightningModule):
         weights_file: str | None = None,
         freeze: bool = True,
         optimizer=None,
+        class_weighting: str = "none",
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
+        if class_weighting not in CLASS_WEIGHTINGS:
+            raise UserError(
+                f"model.class_weighting={class_weighting!r} is not one of {list(CLASS_WEIGHTINGS)}."
+            )
+        if not 0 <= label_smoothing < 1:
+            raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1).")
         # The optimizer factory is rebuilt from config, not pickled into checkpoints.
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
         self.class_names = list(class_names)
@@ -41,6 +52,8 @@ class SEMClassifier(LightningModule):
         if freeze:
             backbones.freeze(self.backbone)
         self.frozen = freeze
+        # What test passes are logged as: "test", or e.g. "external/lab_b" for another folder.
+        self.test_split = "test"
         num_classes = len(self.class_names)
         self.head = nn.Linear(self.backbone.num_features, num_classes)
         # Linear-probe init: small weights, zero bias.
@@ -55,7 +68,11 @@ class SEMClassifier(LightningModule):
         self.test_acc_top3 = accuracy(top_k=min(3, num_classes))
         self.val_f1 = MulticlassF1Score(num_classes, average="macro")
         self.test_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.val_recall = MulticlassRecall(num_classes, average=None)
+        self.test_recall = MulticlassRecall(num_classes, average=None)
         self.val_acc_best = MaxMetric()
+        # Training-loss weight per class; set from the training split's counts in setup().
+        self.register_buffer("class_weights", torch.ones(num_classes), persistent=False)
         # Predictions of the current evaluation pass, for confusion matrix and report.
         self.eval_targets, self.eval_preds = CatMetric(), CatMetric()
 
@@ -80,14 +97,32 @@ class SEMClassifier(LightningModule):
             features = self.backbone(images)
         return self.head(features)  # (B, num_features) -> (B, num_classes)
 
-    def _step(self, batch):
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and self.hparams.class_weighting == "balanced" and datamodule:
+            # sklearn's "balanced": n_samples / (n_classes * count), so rare classes weigh more.
+            counts = datamodule.class_counts("train")
+            weights = counts.sum() / (len(counts) * counts.clip(min=1))
+            self.class_weights = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
+
+    def _step(self, batch, training: bool = False):
         inputs, targets = batch
         # (B, num_features) batches are cached backbone features: only the head runs.
         logits = self.head(inputs) if inputs.ndim == 2 else self(inputs)
-        return F.cross_entropy(logits, targets), logits, targets
+        if training:
+            # Weighting and smoothing shape what is learned; evaluation losses stay plain.
+            loss = F.cross_entropy(
+                logits,
+                targets,
+                weight=self.class_weights,
+                label_smoothing=self.hparams.label_smoothing,
+            )
+        else:
+            loss = F.cross_entropy(logits, targets)
+        return loss, logits, targets
 
     def training_step(self, batch, batch_idx):
-        loss, logits, targets = self._step(batch)
+        loss, logits, targets = self._step(batch, training=True)
         self.train_loss(loss)
         self.train_acc(logits, targets)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
@@ -103,15 +138,24 @@ class SEMClassifier(LightningModule):
         self.val_loss(loss)
         self.val_acc(logits, targets)
         self.val_f1(logits, targets)
+        self.val_recall(logits, targets)
         self.eval_targets.update(targets)
         self.eval_preds.update(logits.argmax(dim=1))
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/f1_macro", self.val_f1, on_step=False, on_epoch=True)
 
+    def _log_recall(self, split: str, recall: MulticlassRecall) -> None:
+        # Per-class recall beside accuracy: on imbalanced data a rare class can sit at 0.
+        for name, value in zip(self.class_names, recall.compute(), strict=True):
+            self.log(f"{split}/recall/{name}", value)
+        recall.reset()
+
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking:
+            self.val_recall.reset()
             return
+        self._log_recall("val", self.val_recall)
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
@@ -125,12 +169,16 @@ class SEMClassifier(LightningModule):
         self.test_acc(logits, targets)
         self.test_acc_top3(logits, targets)
         self.test_f1(logits, targets)
+        self.test_recall(logits, targets)
         self.eval_targets.update(targets)
         self.eval_preds.update(logits.argmax(dim=1))
-        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
-        self.log("test/acc_top3", self.test_acc_top3, on_step=False, on_epoch=True)
-        self.log("test/f1_macro", self.test_f1, on_step=False, on_epoch=True)
+        self.log(f"{self.test_split}/loss", self.test_loss, on_step=False, on_epoch=True)
+        self.log(f"{self.test_split}/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.log(f"{self.test_split}/acc_top3", self.test_acc_top3, on_step=False, on_epoch=True)
+        self.log(f"{self.test_split}/f1_macro", self.test_f1, on_step=False, on_epoch=True)
+
+    def on_test_epoch_end(self):
+        self._log_recall(self.test_split, self.test_recall)
 
     def predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(targets, predicted classes) of the last validation or test pass."""

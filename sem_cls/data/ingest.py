@@ -1,0 +1,238 @@
+"""Ingest: check every file of a `<root>/<Class>/` folder once, and hash and measure the good ones.
+
+A file that cannot be used (zero bytes, truncated, not an image, too large) is reported and
+left out, so no bad file can stop a training run halfway. Results are cached per file (path,
+size and modification time), so a second ingest of the same folder reads only what changed.
+
+python -m sem_cls.data.ingest                        # the folder training would use, and its split
+python -m sem_cls.data.ingest data.data_dir=/my/sem  # any <Class>/ folder
+"""
+
+import csv
+import hashlib
+import io
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import imagehash
+import numpy as np
+from PIL import UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, is_image_file, open_image
+from sem_cls.data.infobar import detect_bar_top
+from sem_cls.errors import DataNotFoundError
+
+log = logging.getLogger(__name__)
+
+# Bumped when what a check records changes, so cached checks of older versions are redone.
+INGEST_VERSION = 1
+# Bar detection and the perceptual hash need row statistics and a 32x32 thumbnail, not full
+# resolution: JPEGs decode at a quarter of 1024x768, which is four times cheaper.
+ANALYSIS_SIDE = 192
+RECORD_FIELDS = (
+    "path", "class", "bytes", "mtime_ns", "width", "height", "sha256", "phash", "bar_top", "error"
+)  # fmt: skip
+
+
+@dataclass
+class Ingest:
+    """The usable images of a folder and the files left out, one record (dict) each."""
+
+    root: Path
+    class_names: list[str]
+    images: list[dict]
+    rejected: list[dict] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        total = len(self.images) + len(self.rejected)
+        text = f"{len(self.images):,} of {total:,} files in {len(self.class_names)} classes usable"
+        if self.rejected:
+            reasons = Counter(_reason(record["error"]) for record in self.rejected)
+            listed = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+            text += f"; left out {len(self.rejected):,} ({listed})"
+        return text
+
+    def write_report(self, path: Path) -> Path:
+        """CSV of the files left out: path, class, why."""
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["path", "class", "error"])
+            writer.writeheader()
+            writer.writerows({k: r[k] for k in ("path", "class", "error")} for r in self.rejected)
+        return path
+
+
+def _reason(error: str) -> str:
+    """Short category of an error message, for the summary line."""
+    lowered = error.lower()
+    for key, reason in (
+        ("0 bytes", "empty"),
+        ("truncated", "truncated"),
+        ("not an image file", "not an image"),
+        ("max_pixels", "too large"),
+    ):
+        if key in lowered:
+            return reason
+    return "unreadable"
+
+
+def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Size, sha256, perceptual hash and info-bar top row of one image, or why it is unusable."""
+    record = {"width": 0, "height": 0, "sha256": "", "phash": "", "bar_top": 0, "error": ""}
+    try:
+        data = path.read_bytes()
+        if not data:
+            raise ValueError("empty file (0 bytes)")
+        record["sha256"] = hashlib.sha256(data).hexdigest()
+        gray, (width, height) = open_image(io.BytesIO(data), "L", ANALYSIS_SIDE, max_pixels)
+        rows = np.asarray(gray)
+        bar_top = detect_bar_top(rows)
+        # The bar's text differs between otherwise identical images: hash the specimen only.
+        record["phash"] = str(imagehash.phash(gray.crop((0, 0, gray.width, bar_top))))
+        record.update(width=width, height=height, bar_top=round(bar_top * height / gray.height))
+    except UnidentifiedImageError:
+        record["error"] = "not an image file: no image format recognised in its bytes"
+    except Exception as err:  # any failure to read makes the file unusable, and is reported
+        record["error"] = f"{type(err).__name__}: {err}".replace(f"{path}", path.name)
+    return record
+
+
+def _check(job: tuple[Path, int]) -> dict:
+    return check_image(*job)
+
+
+def _cache_file(cache_dir: Path, root: Path, max_pixels: int) -> Path:
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return cache_dir / f"{root.name}-{key}-v{INGEST_VERSION}-{max_pixels}.csv"
+
+
+def _read_cache(path: Path | None) -> dict[str, dict]:
+    if path is None or not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {row["path"]: row for row in csv.DictReader(f)}
+
+
+def _write_cache(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    with partial.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(partial, path)
+
+
+def _typed(record: dict) -> dict:
+    """CSV strings back to numbers."""
+    for key in ("bytes", "mtime_ns", "width", "height", "bar_top"):
+        record[key] = int(record[key])
+    return record
+
+
+def ingest(
+    root: Path | str,
+    cache_dir: Path | str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int = 2,
+    progress: bool = True,
+) -> Ingest:
+    """Check every file under `root`/<Class>/ (only those new or changed since the last ingest)."""
+    root = Path(root)
+    check_max_pixels(max_pixels)
+    if not root.is_dir():
+        raise DataNotFoundError(f"Data folder {root} does not exist.")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = [
+        (path, class_dir.name)
+        for class_dir in class_dirs
+        for path in sorted(class_dir.iterdir())
+        if path.is_file() and not path.name.startswith(".")
+    ]
+    cache_file = _cache_file(Path(cache_dir), root, max_pixels) if cache_dir else None
+    cached = _read_cache(cache_file)
+
+    records, to_check = [], []
+    for path, class_name in files:
+        relative = path.relative_to(root).as_posix()
+        stat = path.stat()
+        record = {"path": relative, "class": class_name, "bytes": stat.st_size}
+        record["mtime_ns"] = stat.st_mtime_ns
+        hit = cached.get(relative)
+        if not is_image_file(path):
+            record.update(width=0, height=0, sha256="", phash="", bar_top=0)
+            record["error"] = f"not an image file (suffix {path.suffix or 'none'!r})"
+        elif hit and int(hit["bytes"]) == stat.st_size and int(hit["mtime_ns"]) == stat.st_mtime_ns:
+            record = _typed(hit)
+        else:
+            to_check.append((len(records), path))
+        records.append(record)
+
+    if to_check:
+        jobs = [(path, max_pixels) for _, path in to_check]
+        bar = dict(total=len(jobs), desc=f"Checking images in {root.name}", disable=not progress)
+        if workers > 1 and len(jobs) > 64:
+            # fork: workers start at once, without re-importing the caller's modules (torch);
+            # they only decode and hash.
+            with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+                checked = list(tqdm(pool.map(_check, jobs, chunksize=32), **bar))
+        else:
+            checked = [_check(job) for job in tqdm(jobs, **bar)]
+        for (index, _), result in zip(to_check, checked, strict=True):
+            records[index].update(result)
+        if cache_file:
+            _write_cache(cache_file, records)
+
+    images = [r for r in records if not r["error"]]
+    rejected = [r for r in records if r["error"]]
+    usable = {r["class"] for r in images}
+    empty = [d.name for d in class_dirs if d.name not in usable]
+    result = Ingest(root, sorted(usable), images, rejected, empty)
+    if empty:
+        log.warning(
+            "Class folders with no usable image, left out: %s (in %s).", ", ".join(empty), root
+        )
+    if not images:
+        raise DataNotFoundError(
+            f"Data folder {root} holds no <Class>/ folders with usable images "
+            f"({', '.join(s.lstrip('.') for s in sorted({'.jpg', '.png', '.tif', '.bmp'}))})."
+        )
+    log.info("Ingest of %s: %s", root, result.summary())
+    for record in rejected[:20]:
+        log.warning("Left out %s: %s", record["path"], record["error"])
+    if len(rejected) > 20:
+        log.warning("... and %d more; all are listed in the ingest report.", len(rejected) - 20)
+    return result
+
+
+def main() -> None:
+    import hydra
+
+    from sem_cls.runner import exits_on_user_error  # not at the top: it pulls in Lightning
+
+    @hydra.main(version_base="1.3", config_path="../../conf", config_name="ingest")
+    @exits_on_user_error
+    def run(cfg) -> None:
+        datamodule = hydra.utils.instantiate(cfg.data)
+        datamodule.prepare_data()
+        folder = datamodule.write_data_files(Path(cfg.paths.output_dir) / "data")
+        counts = Counter(row["split"] for row in datamodule.split_manifest())
+        print(
+            f"Split of {len(datamodule.class_names)} classes: "
+            + ", ".join(f"{name} {counts[name]:,}" for name in ("train", "val", "test"))
+            + f"\nSplit fingerprint {datamodule.split_fingerprint()}"
+            + f"\nManifest and ingest report: {folder}"
+        )
+
+    run()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[2]))
+    main()
