@@ -3,6 +3,8 @@
 python train.py                                   # InceptionV3, frozen, on data/nffa
 python train.py experiment=demo                   # built-in SEM-like data, runs anywhere
 python train.py -m model.optimizer.lr=1e-3,3e-4   # a sweep, one MLflow run per job
+python train.py resume=<run folder or MLflow run id>     # continue a killed run
+python train.py reproduce=<run folder or MLflow run id>  # run a saved config again
 """
 
 import logging
@@ -13,25 +15,34 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from sem_cls.resume import RUN_ID_FILE, last_checkpoint, saved_config  # noqa: E402
 from sem_cls.runner import build_trainer, exits_on_user_error, print_summary  # noqa: E402
-from sem_cls.tracking import log_run_context  # noqa: E402
+from sem_cls.tracking import log_run_context, mlflow_loggers  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and test as `cfg` says; return the logged metrics."""
+def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
+    """Fit and test as `cfg` says, continuing the run in `resume_from` if given; return the
+    logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     model = hydra.utils.instantiate(cfg.model, class_names=datamodule.class_names, _convert_="all")
     datamodule.attach_model(model)
     trainer = build_trainer(cfg)
-    log_run_context(trainer.loggers, cfg, datamodule, Path(cfg.paths.output_dir, ".hydra"))
+    output_dir = Path(cfg.paths.output_dir)
+    log_run_context(trainer.loggers, cfg, datamodule, output_dir / ".hydra", resume_from)
+    for logger in mlflow_loggers(trainer.loggers):  # what resume= continues
+        (output_dir / RUN_ID_FILE).write_text(logger.run_id)
 
-    trainer.fit(model, datamodule=datamodule)
+    checkpoint = resume_from and last_checkpoint(resume_from)
+    if resume_from:
+        log.info("Continuing from %s", checkpoint or "the start: no checkpoint was saved")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
@@ -48,7 +59,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exits_on_user_error
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    cfg, resume_from = saved_config(cfg, HydraConfig.get().overrides.task)
+    metrics = train(cfg, resume_from)
     return metrics.get(cfg.get("optimized_metric"))
 
 

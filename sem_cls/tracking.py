@@ -1,6 +1,8 @@
 """MLflow bookkeeping: the run's config, code version, data split and files."""
 
+import platform
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
@@ -33,19 +35,38 @@ def git_state(repo_dir: Path) -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
 
 
-def log_run_context(loggers, cfg: DictConfig, datamodule, hydra_dir: Path) -> None:
-    """Config as params; git and split fingerprint as tags; .hydra/, manifest and ingest report
-    as files (also kept in the run's output folder, under data/)."""
+def write_environment(folder: Path) -> Path:
+    """packages.txt: every installed distribution as name==version, as `pip freeze` lists them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    packages = sorted(
+        {f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()}, key=str.lower
+    )
+    lines = [f"# Python {platform.python_version()} on {platform.platform()}", *packages]
+    (folder / "packages.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def log_run_context(
+    loggers, cfg: DictConfig, datamodule, hydra_dir: Path, resumed_from: Path | None = None
+) -> None:
+    """Config as params; git, package versions and split fingerprint as tags; .hydra/, manifest,
+    ingest report and installed packages as files (also kept in the run's output folder)."""
     data_files = datamodule.write_data_files(Path(cfg.paths.output_dir) / "data")
+    environment = write_environment(Path(cfg.paths.output_dir) / "environment")
     tags = {
         **git_state(Path(cfg.paths.root_dir)),
         "data_dir": str(datamodule.data_dir),
         "data_split_fingerprint": datamodule.split_fingerprint(),
+        **{f"{name}_version": metadata.version(name) for name in ("torch", "lightning", "timm")},
     }
     for logger in mlflow_loggers(loggers):
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if resumed_from is None:  # a continued run has its params; MLflow refuses new values
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        else:
+            logger.experiment.set_tag(logger.run_id, "resumed_from", str(resumed_from))
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
         if hydra_dir.is_dir():  # absent when composed outside a Hydra run, as in tests
             logger.experiment.log_artifacts(logger.run_id, str(hydra_dir), "hydra")
         logger.experiment.log_artifacts(logger.run_id, str(data_files), "data")
+        logger.experiment.log_artifacts(logger.run_id, str(environment), "environment")

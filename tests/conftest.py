@@ -1,6 +1,7 @@
 """Shared fixtures: a small generated SEM set, configs as train.py composes them, a trained run."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,24 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 # No test may reach a model hub: timm then fails at once instead of retrying for a minute.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_network():
+    """Any connection beyond this machine fails the test that makes it (local servers are fine)."""
+    connect = socket.socket.connect
+
+    def local_only(sock, address):
+        if isinstance(address, tuple) and address[0] not in LOOPBACK:
+            raise RuntimeError(f"a test tried to reach the network: {address}")
+        return connect(sock, address)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", local_only)
+        yield
+
 
 # Small enough for seconds per epoch, large enough for every class in every split.
 TINY_IMAGES_PER_CLASS = 8

@@ -50,3 +50,30 @@ def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     bogus.write_text("not a checkpoint")
     result = run("eval.py", f"ckpt_path={bogus}", tmp_path=tmp_path)
     assert_user_error(result, str(bogus), "not a sem-cls checkpoint")
+
+
+def test_an_override_typo_stops_before_anything_runs(tmp_path):
+    result = run("train.py", "model.optimizr.lr=1e-3", tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "Could not override 'model.optimizr.lr'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+    assert not (tmp_path / "logs").exists()
+
+
+def test_an_unknown_backbone_names_close_timm_models(tiny_sem_dir, tmp_path):
+    result = run(
+        "train.py",
+        f"data.data_dir={tiny_sem_dir}",
+        "model.backbone=inceptoin_v3",
+        tmp_path=tmp_path,
+    )
+    assert_user_error(result, "inceptoin_v3", "inception_v3")
+
+
+def test_resume_refuses_another_model_choice(tiny_sem_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    result = run("train.py", f"resume={run_dir}", "model=efficientnet_lite0", tmp_path=tmp_path)
+    assert_user_error(result, "model=efficientnet_lite0 would choose other config groups")

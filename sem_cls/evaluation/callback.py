@@ -34,6 +34,14 @@ class EvaluationReports(Callback):
             self.best_score = score.item()
             self.best_predictions = pl_module.predictions()
 
+    def state_dict(self) -> dict:
+        # In checkpoints: a resumed run still writes the report of the best epoch before a kill.
+        return {"best_score": self.best_score, "best_predictions": self.best_predictions}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score = state["best_score"]
+        self.best_predictions = state["best_predictions"]
+
     def on_fit_end(self, trainer, pl_module):
         if self.best_predictions is not None and trainer.is_global_zero:
             self._write(trainer, pl_module, "val", *self.best_predictions)

@@ -71,6 +71,8 @@ class SEMClassifier(LightningModule):
         self.val_recall = MulticlassRecall(num_classes, average=None)
         self.test_recall = MulticlassRecall(num_classes, average=None)
         self.val_acc_best = MaxMetric()
+        # Saved in checkpoints, so a resumed run still knows the best epoch before the kill.
+        self.val_acc_best.persistent(True)
         # Training-loss weight per class; set from the training split's counts in setup().
         self.register_buffer("class_weights", torch.ones(num_classes), persistent=False)
         # Predictions of the current evaluation pass, for confusion matrix and report.

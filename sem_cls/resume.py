@@ -1,0 +1,166 @@
+"""Resuming and reproducing runs: a killed run continues where its last checkpoint left it.
+
+`python train.py resume=<run folder or MLflow run id>` continues a run with its saved config,
+in the same output folder and the same MLflow run; `reproduce=` starts a new run with a saved
+config. Checkpoints are written atomically and carry the random generators' states, so a
+resumed run on CPU ends where an uninterrupted one would.
+"""
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from sem_cls.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint under a temporary name, then renames it into place: a kill
+    mid-write leaves the previous checkpoint whole, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+class RandomState(Callback):
+    """Keeps torch's, numpy's and Python's generator states in every checkpoint and restores
+    them on resume, so the epochs after a resume shuffle as they would have without the kill."""
+
+    def state_dict(self) -> dict:
+        name, keys, position, has_gauss, gauss = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            # Tensors and plain values only: checkpoints load with weights_only=True.
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        name, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ContinuingMLFlowLogger(MLFlowLogger):
+    """MLFlowLogger that, continuing an existing run (`run_id`), leaves out metric values the
+    run already holds for a step: epochs replayed after a kill are not recorded twice."""
+
+    def __init__(self, *args, run_id: str | None = None, **kwargs):
+        super().__init__(*args, run_id=run_id, **kwargs)
+        self._recorded: dict[str, set[int]] | None = {} if run_id is None else None
+
+    def _recorded_steps(self) -> dict[str, set[int]]:
+        if self._recorded is None:
+            run = self.experiment.get_run(self.run_id)
+            self._recorded = {
+                key: {m.step for m in self.experiment.get_metric_history(self.run_id, key)}
+                for key in run.data.metrics
+            }
+        return self._recorded
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        recorded = self._recorded_steps()
+        fresh = {k: v for k, v in metrics.items() if (step or 0) not in recorded.get(k, ())}
+        if fresh:
+            super().log_metrics(fresh, step)
+
+
+def saved_run_dir(reference: str, tracking_uri: str | None, option: str) -> Path:
+    """The output folder of a run, given the folder itself or the run's MLflow id."""
+    path = Path(reference)
+    if path.is_dir():
+        if not (path / ".hydra" / "config.yaml").is_file():
+            raise UserError(
+                f"{option}={reference} holds no .hydra/config.yaml. Give a run's output folder "
+                "(logs/<task>/runs/<time>) or its MLflow run id."
+            )
+        return path
+    run = None
+    if tracking_uri:
+        import mlflow
+
+        try:
+            run = mlflow.MlflowClient(tracking_uri).get_run(reference)
+        except mlflow.exceptions.MlflowException:
+            run = None
+    if run is None or "paths/output_dir" not in run.data.params:
+        raise UserError(
+            f"{option}={reference} is neither a run's output folder nor the id of a training run "
+            f"in {tracking_uri}. The folder is printed at the end of every run; the id is in "
+            "the MLflow UI."
+        )
+    return saved_run_dir(run.data.params["paths/output_dir"], None, option)
+
+
+def saved_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path | None]:
+    """The config to run, and the run folder to continue: `cfg` itself and None, unless `cfg`
+    says resume= or reproduce=.
+
+    The saved config is used as it was; `key=value` overrides the run was not started with
+    apply on top (e.g. trainer.max_epochs=20 to train longer). Choosing other config-group
+    options (model=...) would make another run, so that is refused.
+    """
+    option = "resume" if cfg.get("resume") else "reproduce" if cfg.get("reproduce") else None
+    if option is None:
+        return cfg, None
+    if cfg.get("resume") and cfg.get("reproduce"):
+        raise UserError("Give resume= or reproduce=, not both.")
+    uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
+    run_dir = saved_run_dir(str(cfg[option]), uri, option)
+    saved_overrides = run_dir / ".hydra" / "overrides.yaml"
+    # The run's own command line may be repeated with resume= added; only what differs counts.
+    given_before = set(OmegaConf.load(saved_overrides)) if saved_overrides.is_file() else set()
+    extra = [
+        o
+        for o in overrides
+        if not o.startswith(("resume=", "reproduce=", "hydra.")) and o not in given_before
+    ]
+    groups = [o for o in extra if "." not in o.split("=", 1)[0].lstrip("+~")]
+    if groups:
+        raise UserError(
+            f"{option}= runs the saved config; {', '.join(groups)} would choose other config "
+            "groups. Start a new run for that, or override single values (key.sub=value)."
+        )
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    OmegaConf.set_struct(saved, False)
+    saved.merge_with_dotlist(extra)
+    saved.resume, saved.reproduce = None, None
+    if option == "resume":
+        saved.paths.output_dir = str(run_dir.resolve())
+        run_id_file = run_dir / RUN_ID_FILE
+        if OmegaConf.select(saved, "logger.mlflow") is not None and run_id_file.is_file():
+            saved.logger.mlflow.run_id = run_id_file.read_text().strip()
+    else:
+        saved.paths.output_dir = cfg.paths.output_dir  # a new folder for the new run
+    log.info("%s of the run in %s", option.capitalize(), run_dir)
+    return saved, run_dir if option == "resume" else None
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    return checkpoint if checkpoint.is_file() else None

@@ -1,0 +1,178 @@
+"""Reliability: killed runs resume to the same result; seeded runs repeat; checkpoints are whole."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import ROOT, compose_config, tiny_training_overrides
+
+EPOCHS = 4
+
+
+def metric_histories(mlruns_dir: Path) -> tuple[object, dict[str, list[tuple[int, float]]]]:
+    """The one run of the experiment and every metric's (step, value) history."""
+    client = mlflow.MlflowClient(f"sqlite:///{mlruns_dir}/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    return run, {
+        key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        for key in run.data.metrics
+    }
+
+
+def start_training(data_dir: Path, work: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *tiny_training_overrides(data_dir),
+            # Images through the backbone every epoch: epochs long enough to be killed inside.
+            "data.cache_features=false",
+            f"trainer.max_epochs={EPOCHS}",
+            f"paths.mlruns_dir={work / 'mlruns'}",
+            f"paths.log_dir={work / 'logs'}",
+            f"paths.cache_dir={work / 'cache'}",
+            f"hydra.run.dir={work / 'run'}",
+            *overrides,
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen) -> None:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_sem_dir, tmp_path):
+    finish(start_training(tiny_sem_dir, tmp_path / "whole"))
+    whole_run, whole = metric_histories(tmp_path / "whole" / "mlruns")
+
+    killed = tmp_path / "killed"
+    process = start_training(tiny_sem_dir, killed)
+    last = killed / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists():  # the first epoch is done ...
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # ... and the second is under way
+    assert process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    epochs_before_kill = torch.load(last, weights_only=True)["epoch"]
+    assert epochs_before_kill < EPOCHS - 1
+
+    finish(start_training(tiny_sem_dir, killed, f"resume={killed / 'run'}"))
+    run, resumed = metric_histories(killed / "mlruns")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from"] == str(killed / "run")
+    assert set(resumed) == set(whole)
+    for key, history in resumed.items():
+        steps = [step for step, _ in history]
+        # Lightning adds "epoch" to the train and to the validation flush of every epoch.
+        if key != "epoch":
+            assert len(steps) == len(set(steps)), f"{key} recorded twice at a step: {steps}"
+        assert history == whole[key], key
+    assert len(resumed["val/acc"]) == EPOCHS
+    assert run.data.metrics["test/acc"] == whole_run.data.metrics["test/acc"]
+
+
+def test_resume_by_mlflow_run_id_and_unknown_references(tiny_sem_dir, tmp_path):
+    from sem_cls.errors import UserError
+    from sem_cls.resume import saved_config
+
+    cfg = compose_config("train", tmp_path, tiny_training_overrides(tiny_sem_dir))
+    with pytest.raises(UserError, match=r"resume=0123abc is neither a run's output folder"):
+        saved_config(OmegaConf.merge(cfg, {"resume": "0123abc"}), ["resume=0123abc"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"holds no .hydra/config.yaml"):
+        saved_config(OmegaConf.merge(cfg, {"resume": str(empty)}), [f"resume={empty}"])
+
+
+def test_the_same_config_twice_gives_identical_metrics(tiny_sem_dir, tmp_path):
+    from train import train
+
+    histories = []
+    for attempt in ("first", "second"):
+        cfg = compose_config("train", tmp_path / attempt, tiny_training_overrides(tiny_sem_dir))
+        train(cfg)
+        histories.append(metric_histories(tmp_path / attempt / "mlruns")[1])
+    assert histories[0] == histories[1]
+    assert len(histories[0]["val/acc"]) == 2
+
+
+def test_checkpoints_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from sem_cls.resume import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"epoch": 1}, target)
+    assert torch.load(target, weights_only=True) == {"epoch": 1}
+
+    def killed_mid_write(io, checkpoint, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a checkpo")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(
+        "lightning.pytorch.plugins.io.TorchCheckpointIO.save_checkpoint", killed_mid_write
+    )
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"epoch": 2}, target)
+    assert torch.load(target, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+class PlantedCode:
+    """Unpickling this creates a file: what a malicious checkpoint could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
+    from eval import load_checkpoint
+    from sem_cls.errors import UserError
+
+    marker = tmp_path / "code_ran"
+    bad = tmp_path / "model.ckpt"
+    torch.save({"hyper_parameters": {"class_names": ["a"]}, "x": PlantedCode(marker)}, bad)
+    with pytest.raises(UserError, match="not a sem-cls checkpoint"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+
+
+def test_tests_cannot_reach_the_network():
+    import socket
+
+    with pytest.raises(RuntimeError, match="tried to reach the network"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)
+
+
+def test_reproduce_runs_a_saved_config_as_a_new_run(tiny_sem_dir, tmp_path):
+    from sem_cls.resume import saved_config
+
+    original = compose_config("train", tmp_path / "a", tiny_training_overrides(tiny_sem_dir))
+    run_dir = tmp_path / "old_run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(original, run_dir / ".hydra" / "config.yaml")
+    now = compose_config("train", tmp_path / "b", [f"reproduce={run_dir}"])
+    cfg, resume_from = saved_config(now, [f"reproduce={run_dir}", "trainer.max_epochs=3"])
+    assert resume_from is None
+    assert cfg.paths.output_dir == now.paths.output_dir != original.paths.output_dir
+    assert cfg.trainer.max_epochs == 3 and cfg.model == original.model
+    assert cfg.data.data_dir == str(tiny_sem_dir)
