@@ -34,8 +34,8 @@ class EpochTimer(Callback):
         self.out.write_text(json.dumps(self.times))
 
 
-def train(work: Path, *overrides: str, multirun: bool = False) -> float:
-    """Wall seconds of one train.py call with all outputs under `work`."""
+def train(work: Path, *overrides: str, multirun: bool = False, cache: Path | None = None) -> float:
+    """Wall seconds of one train.py call, its outputs under `work` (feature cache: `cache`)."""
     command = [
         sys.executable,
         str(ROOT / "train.py"),
@@ -43,12 +43,14 @@ def train(work: Path, *overrides: str, multirun: bool = False) -> float:
         "experiment=demo",
         f"paths.mlruns_dir={work / 'mlruns'}",
         f"paths.log_dir={work / 'logs'}",
-        f"paths.cache_dir={work / 'cache'}",
+        f"paths.cache_dir={cache or work / 'cache'}",
         "trainer.enable_progress_bar=false",
         *overrides,
     ]
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(result.stderr[-3000:])
     return time.perf_counter() - start
 
 

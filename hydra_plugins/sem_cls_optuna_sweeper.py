@@ -1,0 +1,67 @@
+"""Hydra's Optuna sweeper with a study that can be resumed from its SQLite storage.
+
+Two changes to hydra-optuna-sweeper 1.3.0 (which needs optuna < 3): optuna 2.10's SQL storage
+works with SQLAlchemy 2, which MLflow needs, and `n_trials` counts the study's finished trials,
+so running a killed sweep's command again runs only the trials it has not finished. Hydra loads
+sweepers from the hydra_plugins package only, hence this folder; it scans every module here at
+each start, so optuna is imported only when a sweep begins.
+"""
+
+import logging
+
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+log = logging.getLogger(__name__)
+
+
+class ResumableOptunaSweeper(OptunaSweeper):
+    """OptunaSweeper, resumable (see above); `n_jobs`, the trials launched together, takes
+    joblib's meaning, so -1 is every core."""
+
+    def sweep(self, arguments: list[str]) -> None:
+        import joblib
+
+        commit_optuna_schema_stamp()
+        impl = self.sweeper
+        impl.n_jobs = joblib.effective_n_jobs(impl.n_jobs)
+        if impl.storage and impl.study_name:
+            finished, started = stored_trials(impl.storage, impl.study_name)
+            if started:
+                log.info(
+                    "Study %s in %s has %d of %d trials finished; running the rest. A new "
+                    "search needs another hydra.sweeper.study_name.",
+                    impl.study_name, impl.storage, finished, impl.n_trials,
+                )  # fmt: skip
+                # Job numbers go on from the study's trial numbers, and the seeded sampler
+                # must not replay the random start it already tried.
+                impl.job_idx = started
+                if hasattr(impl.sampler, "reseed_rng"):  # the grid sampler is built later
+                    impl.sampler.reseed_rng()
+            impl.n_trials = max(impl.n_trials - finished, 0)
+        return super().sweep(arguments)
+
+
+def commit_optuna_schema_stamp() -> None:
+    """optuna 2.10 stamps a new database's schema version on a connection it never commits,
+    which SQLAlchemy 1's autocommit used to save; under SQLAlchemy 2 the stamp is rolled back
+    and the storage then refuses its own database. Makes it the same stamp, committed."""
+    import alembic.migration
+    from optuna.storages._rdb.storage import _VersionManager  # private: optuna is pinned
+
+    def set_alembic_revision(self, revision: str) -> None:
+        with self.engine.begin() as connection:
+            context = alembic.migration.MigrationContext.configure(connection)
+            context.stamp(self._create_alembic_script(), revision)
+
+    _VersionManager._set_alembic_revision = set_alembic_revision
+
+
+def stored_trials(storage: str, study_name: str) -> tuple[int, int]:
+    """Finished (completed or pruned) and all trials of a stored study; (0, 0) if it is new."""
+    import optuna
+
+    if study_name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        return 0, 0
+    trials = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return sum(t.state in finished for t in trials), len(trials)
