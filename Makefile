@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo train test lint format ui bench clean
+.PHONY: help venv demo train download test lint format ui server bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -25,6 +25,10 @@ demo: $(STAMP)  ## train and test on the built-in SEM-like data, tracked in MLfl
 train: $(STAMP)  ## train with the default config (InceptionV3 on data/nffa); ARGS="..." for overrides
 	$(PY) train.py $(ARGS)
 
+VARIANT ?= nffa
+download: $(STAMP)  ## fetch the real NFFA-Europe images: VARIANT=nffa (default), nffa_majority, nffa_2017
+	$(PY) -m sem_cls.data.download download=$(VARIANT)
+
 test: $(STAMP)  ## lint, then the test suite
 	$(PY) -m ruff check .
 	$(PY) -m pytest
@@ -41,10 +45,19 @@ ui: $(STAMP)  ## the MLflow UI for this project's runs, on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db
 
+HOST ?= 127.0.0.1
+PORT ?= 5000
+server: $(STAMP)  ## MLflow tracking server for runs and artifacts in mlruns/, on http://127.0.0.1:5000 (HOST=, PORT=)
+	mkdir -p mlruns/artifacts
+	$(VENV)/bin/mlflow server --host $(HOST) --port $(PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+		--serve-artifacts --artifacts-destination $(CURDIR)/mlruns/artifacts
+
 bench: $(STAMP)  ## the benchmarks of the README's Performance section (about 30 minutes)
 	$(PY) bench/throughput.py
 	$(PY) bench/cache_sweep.py
 	$(PY) bench/memory.py
+	$(PY) bench/sweep.py
 
 clean:  ## remove outputs, keep data, mlruns and .venv
 	rm -rf logs .pytest_cache

@@ -16,33 +16,19 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from sem_cls.errors import UserError  # noqa: E402
-from sem_cls.models.classifier import SEMClassifier  # noqa: E402
+from sem_cls.evaluation.saliency import write_saliency  # noqa: E402
+from sem_cls.registry import (  # noqa: E402
+    is_model_uri,
+    load_checkpoint,  # noqa: F401 -- where callers of eval.load_checkpoint find it
+    load_model,
+)
 from sem_cls.runner import build_trainer, exits_on_user_error, print_summary  # noqa: E402
-from sem_cls.tracking import mlflow_loggers  # noqa: E402
+from sem_cls.tracking import log_artifacts, mlflow_loggers  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-def load_checkpoint(path: Path) -> tuple[SEMClassifier, dict]:
-    """The classifier and the raw checkpoint; loads tensors and plain data only, never code."""
-    if not path.is_file():
-        raise UserError(f"ckpt_path={path} does not exist. Point it at a .ckpt file from training.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        checkpoint["hyper_parameters"]["class_names"]
-    except Exception as err:  # noqa: BLE001 -- any failure here means "not our checkpoint"
-        raise UserError(
-            f"ckpt_path={path} is not a sem-cls checkpoint ({type(err).__name__}: {err})."
-        ) from err
-    # The checkpoint holds every weight; fetching ImageNet weights first would be wasted.
-    model = SEMClassifier.load_from_checkpoint(
-        path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None
-    )
-    return model, checkpoint
 
 
 def external_folders(folders: list[str]) -> dict[str, Path]:
@@ -58,7 +44,9 @@ def external_folders(folders: list[str]) -> dict[str, Path]:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
-    model, checkpoint = load_checkpoint(Path(cfg.ckpt_path))
+    # A .ckpt file, or an MLflow model (models:/<name>@<alias>, runs:/<run id>/model).
+    tracking_uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
+    model, checkpoint, _ = load_model(cfg.ckpt_path, tracking_uri)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     if datamodule.class_names != model.class_names:
@@ -73,10 +61,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "seed): test images may have been seen in training."
         )
     datamodule.attach_model(model)
+    if cfg.get("tta"):
+        # Test-time augmentation needs the images themselves, not their cached features.
+        model.tta, datamodule.cache_features = True, False
     trainer = build_trainer(cfg)
+    source = cfg.ckpt_path if is_model_uri(cfg.ckpt_path) else str(Path(cfg.ckpt_path).resolve())
     for logger in mlflow_loggers(trainer.loggers):
         tags = {
-            "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+            "ckpt_path": source,
             "data_dir": str(datamodule.data_dir),
         }
         if "mlflow_run_id" in checkpoint:
@@ -90,6 +82,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     }
     trainer.test(model, datamodule=datamodule)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if OmegaConf.select(cfg, "saliency.images"):
+        saliency = write_saliency(
+            Path(cfg.paths.output_dir) / "reports" / "test" / "saliency.png",
+            model,
+            datamodule,
+            datamodule.samples["test"],
+            cfg.saliency.images,
+            f"test: {cfg.ckpt_path}",
+        )
+        log_artifacts(trainer.loggers, [saliency], "reports/test")
     for name, samples in externals.items():
         seen = {row["sha256"] for row in datamodule.manifest} & {s.sha256 for s in samples}
         if seen:
@@ -97,7 +99,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 "%d images of external/%s are also in %s.", len(seen), name, datamodule.data_dir
             )
         model.test_split = f"external/{name}"
-        trainer.test(model, dataloaders=datamodule.loader(model.test_split, samples))
+        # Kept with the splits' samples: the reports name each image by its path.
+        datamodule.samples[model.test_split] = samples
+        trainer.test(model, dataloaders=datamodule.loader(model.test_split))
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     print_summary(trainer.loggers, metrics, cfg)
     return metrics

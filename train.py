@@ -16,8 +16,9 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from sem_cls.registry import log_best_model  # noqa: E402
 from sem_cls.resume import RUN_ID_FILE, last_checkpoint, saved_config  # noqa: E402
 from sem_cls.runner import build_trainer, exits_on_user_error, print_summary  # noqa: E402
 from sem_cls.tracking import log_run_context, mlflow_loggers  # noqa: E402
@@ -35,9 +36,11 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     datamodule.attach_model(model)
     trainer = build_trainer(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    log_run_context(trainer.loggers, cfg, datamodule, output_dir / ".hydra", resume_from)
-    for logger in mlflow_loggers(trainer.loggers):  # what resume= continues
-        (output_dir / RUN_ID_FILE).write_text(logger.run_id)
+    # Under DDP every rank runs this script; the run's files and MLflow records are rank 0's.
+    if trainer.is_global_zero:
+        log_run_context(trainer.loggers, cfg, datamodule, output_dir / ".hydra", resume_from)
+        for logger in mlflow_loggers(trainer.loggers):  # what resume= continues
+            (output_dir / RUN_ID_FILE).write_text(logger.run_id)
 
     checkpoint = resume_from and last_checkpoint(resume_from)
     if resume_from:
@@ -52,6 +55,8 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
 
+    if OmegaConf.select(cfg, "logger.mlflow.log_model", default=False):
+        log_best_model(trainer, datamodule, cfg.get("registry"))  # runs:/<id>/model, models:/...
     print_summary(trainer.loggers, {k: v for k, v in metrics.items() if "/" in k}, cfg)
     return metrics
 

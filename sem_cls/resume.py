@@ -67,10 +67,27 @@ class RandomState(Callback):
 
 class ContinuingMLFlowLogger(MLFlowLogger):
     """MLFlowLogger that, continuing an existing run (`run_id`), leaves out metric values the
-    run already holds for a step: epochs replayed after a kill are not recorded twice."""
+    run already holds for a step: epochs replayed after a kill are not recorded twice.
+
+    With a tracking server (http:// or https:// URI) `artifact_location` is ignored: the server
+    keeps artifacts where it was told to (`mlflow server --artifacts-destination`), and a local
+    path here would exist on this machine only.
+    """
 
     def __init__(self, *args, run_id: str | None = None, **kwargs):
+        uri = str(kwargs.get("tracking_uri"))
+        if uri.startswith(("http://", "https://")):
+            kwargs["artifact_location"] = None
+        stand_in = rank_zero_only.rank > 0 and uri.startswith("sqlite:")
+        if stand_in:
+            # DDP ranks > 0 never write to MLflow (Lightning hands them a dummy experiment), but
+            # MLFlowLogger opens its store at once; ranks started together (srun, torchrun)
+            # would all set up a new SQLite file at the same moment, and the schema setup of
+            # one fails. They get a store of their own in memory instead.
+            kwargs["tracking_uri"] = "sqlite:///:memory:"
         super().__init__(*args, run_id=run_id, **kwargs)
+        if stand_in:
+            self._tracking_uri = uri  # what the run is tracked in, by rank 0
         self._recorded: dict[str, set[int]] | None = {} if run_id is None else None
 
     def _recorded_steps(self) -> dict[str, set[int]]:

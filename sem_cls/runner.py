@@ -5,6 +5,7 @@ import logging
 import sys
 
 import hydra
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from sem_cls.errors import UserError
@@ -26,11 +27,37 @@ def instantiate_group(group: DictConfig | None) -> list:
 
 def build_trainer(cfg: DictConfig):
     """The Lightning Trainer of `cfg.trainer` with the configured callbacks and loggers."""
-    return hydra.utils.instantiate(
+    trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=instantiate_group(cfg.get("callbacks")),
         logger=instantiate_group(cfg.get("logger")) or False,
     )
+    _refuse_rerun_of_a_local_sweep(trainer)
+    return trainer
+
+
+def _refuse_rerun_of_a_local_sweep(trainer) -> None:
+    """Lightning's `ddp` starts ranks 1.. by running the command line again, with Hydra's run
+    dir set to rank 0's; in a multirun (-m) that command line is the whole sweep, which every
+    rank would start over in folders of its own. SLURM or torchrun starting the ranks is fine."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and not launcher.cluster_environment.creates_processes_externally
+        and launcher.num_processes > 1
+        and HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+    ):
+        raise UserError(
+            "trainer.strategy=ddp cannot run inside a local sweep (-m): Lightning would start "
+            "the whole sweep again for every further device. Add trainer.strategy=ddp_spawn, "
+            "run the trials one by one, or sweep with hydra/launcher=slurm, where SLURM starts "
+            "each rank."
+        )
 
 
 def _user_error_in(err: BaseException | None) -> UserError | None:
@@ -58,14 +85,19 @@ def exits_on_user_error(task):
     return wrapper
 
 
+@rank_zero_only  # once per run, not once per DDP rank
 def print_summary(loggers, metrics: dict, cfg: DictConfig) -> None:
     """Where the run is, its main figures, and how to look at it in the MLflow UI."""
     lines = [f"{name} = {float(value):.4f}" for name, value in sorted(metrics.items())]
     for logger in mlflow_loggers(loggers):
+        uri = logger._tracking_uri
+        ui = "  open the UI with `make ui`, then http://127.0.0.1:5000"
+        if str(uri).startswith(("http://", "https://")):
+            ui = f"  open the UI at {uri}"  # a tracking server is its own UI
         lines += [
             f"MLflow run {logger.run_id} in experiment '{logger._experiment_name}'",
-            f"  tracking URI: {logger._tracking_uri}",
-            "  open the UI with `make ui`, then http://127.0.0.1:5000",
+            f"  tracking URI: {uri}",
+            ui,
         ]
     lines.append(f"Output folder: {cfg.paths.output_dir}")
     print("\n" + "\n".join(lines))

@@ -8,6 +8,8 @@ from pathlib import Path
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
+from sem_cls.sweeps import sweep_tags
+
 
 def mlflow_loggers(loggers) -> list[MLFlowLogger]:
     return [logger for logger in loggers if isinstance(logger, MLFlowLogger)]
@@ -58,6 +60,7 @@ def log_run_context(
         "data_dir": str(datamodule.data_dir),
         "data_split_fingerprint": datamodule.split_fingerprint(),
         **{f"{name}_version": metadata.version(name) for name in ("torch", "lightning", "timm")},
+        **sweep_tags(cfg),  # sweep_id, sweep_job, sweep_overrides in a multirun
     }
     for logger in mlflow_loggers(loggers):
         if resumed_from is None:  # a continued run has its params; MLflow refuses new values

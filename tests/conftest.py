@@ -69,6 +69,7 @@ def tiny_training_overrides(data_dir: Path) -> list[str]:
         "data.batch_size=16",
         "trainer.max_epochs=2",
         "trainer.enable_progress_bar=false",
+        "registry.name=sem-cls-tiny",  # the best model registered, as models:/sem-cls-tiny@champion
     ]
 
 

@@ -57,7 +57,8 @@ def test_model_configs_instantiate(model, tmp_path):
 def test_default_is_frozen_pretrained_inception_on_nffa(tmp_path):
     cfg = compose_config("train", tmp_path)
     assert cfg.model.backbone == "inception_v3"
-    assert cfg.model.pretrained and cfg.model.freeze
+    assert cfg.model.pretrained and cfg.model.freeze == "all"
+    assert cfg.data.augment == {}, "augmentation would turn the feature cache off"
     assert Path(cfg.data.data_dir) == ROOT / "data" / "nffa"
     assert cfg.logger.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'mlruns'}/mlflow.db"
 
@@ -66,3 +67,23 @@ def test_eval_config_composes(tmp_path):
     cfg = compose_config("eval", tmp_path, ["ckpt_path=some.ckpt", "data=synthetic"])
     assert cfg.ckpt_path == "some.ckpt"
     hydra.utils.instantiate(cfg.data)
+
+
+@pytest.mark.parametrize(
+    "experiment", [name for name in options("experiment") if name.startswith("nffa_finetune")]
+)
+def test_fine_tuning_recipes_build_and_take_a_training_step(experiment, tmp_path):
+    cfg = compose_config("train", tmp_path, [f"experiment={experiment}"])
+    classifier = hydra.utils.instantiate(
+        cfg.model, class_names=["a", "b", "c", "d"], pretrained=False, _convert_="all"
+    )
+    assert not classifier.frozen, "a fine-tuning recipe must let the backbone learn"
+    classifier.trainer = Trainer(max_epochs=cfg.trainer.max_epochs, logger=False)
+    optimizer = classifier.configure_optimizers()["optimizer"]
+    classifier.train()
+    size = classifier.data_config["input_size"]
+    batch = (torch.randn(4, *size), torch.tensor([0, 1, 2, 3]))
+    loss, logits, _ = classifier._step(batch, training=True)
+    loss.backward()
+    optimizer.step()
+    assert logits.shape == (4, 4) and torch.isfinite(loss)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from sem_cls.data import splits as split_lib
+from sem_cls.data.augment import sem_train_transform
 from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, open_image, scale_box
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import INGEST_VERSION, Ingest, ingest
@@ -72,6 +73,16 @@ class FeatureDataset(Dataset):
         return torch.from_numpy(np.array(self.features[index])), self.labels[index]
 
 
+def eval_preprocessing(data_config: dict):
+    """The backbone's evaluation transform (resize + centre crop) and the side JPEGs are decoded
+    at for it; shared by the loaders and by prediction, so both see the same pixels."""
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    # The transform resizes the short side to input/crop_pct; 10% more covers a typical info
+    # bar (8% of the height), so the crop is still downsampled, not blown up.
+    resized_side = data_config["input_size"][-1] / data_config["crop_pct"]
+    return transform, int(resized_side * 1.1)
+
+
 class SEMDataModule(L.LightningDataModule):
     """Folder of `<Class>/` images -> ingest -> manifest (split by duplicate groups) -> loaders.
 
@@ -101,6 +112,7 @@ class SEMDataModule(L.LightningDataModule):
         manifest: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         sampler: str = "none",
+        augment: dict | None = None,
     ):
         super().__init__()
         if sampler not in SAMPLERS:
@@ -122,6 +134,8 @@ class SEMDataModule(L.LightningDataModule):
         self.manifest_path = Path(manifest) if manifest else None
         self.max_pixels = check_max_pixels(max_pixels)
         self.sampler = sampler
+        # Training-time augmentation (sem_cls.data.augment); off: {} or None.
+        self.augment = dict(augment or {})
         self.data_config: dict | None = None
         # Set to the backbone when it is frozen: batches are then its cached features.
         self.frozen_backbone: torch.nn.Module | None = None
@@ -278,11 +292,10 @@ class SEMDataModule(L.LightningDataModule):
             raise RuntimeError("Set SEMDataModule.data_config from the backbone before setup().")
         self.class_names  # noqa: B018 -- builds the manifest on first use
         # Frozen-backbone baseline: the evaluation transform (resize + centre crop) for every split.
-        self.transform = timm.data.create_transform(**self.data_config, is_training=False)
-        # The transform resizes the short side to input/crop_pct; 10% more covers a typical info
-        # bar (8% of the height), so the crop is still downsampled, not blown up.
-        resized_side = self.data_config["input_size"][-1] / self.data_config["crop_pct"]
-        self.decode_side = int(resized_side * 1.1)
+        self.transform, self.decode_side = eval_preprocessing(self.data_config)
+        self.train_transform = (
+            sem_train_transform(self.data_config, **self.augment) if self.augment else None
+        )
         self.use_cache = bool(
             self.frozen_backbone is not None and self.cache_features and self.feature_cache
         )
@@ -307,11 +320,14 @@ class SEMDataModule(L.LightningDataModule):
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
                 bf16=self.bf16,
+                # Under DDP the ranks share the extraction (each a slice of the images).
+                strategy=self.trainer.strategy if self.trainer is not None else None,
             )
         return self.features[split]
 
-    def image_dataset(self, samples: list[Sample]) -> SEMImageDataset:
-        return SEMImageDataset(samples, self.transform, self.decode_side, self.max_pixels)
+    def image_dataset(self, samples: list[Sample], train: bool = False) -> SEMImageDataset:
+        transform = self.train_transform if train and self.train_transform else self.transform
+        return SEMImageDataset(samples, transform, self.decode_side, self.max_pixels)
 
     def loader(self, split: str, samples: list[Sample] | None = None, train=False) -> DataLoader:
         """Batches of a split (or of `samples`, named `split`): cached features or images."""
@@ -323,18 +339,28 @@ class SEMDataModule(L.LightningDataModule):
             weights = [1.0 / counts[s.label] for s in samples]
             sampler = WeightedRandomSampler(weights, num_samples=len(samples), replacement=True)
         shuffle = train and sampler is None
-        if self.use_cache:
+        # Page-locked batches copy to a GPU asynchronously; on CPU pinning is wasted work.
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        # Augmented images change every epoch: no cached features for them.
+        if self.use_cache and not (train and self.train_transform):
             # Rows of a memory-mapped matrix: cheaper to read in-process than to ship to workers.
             features = self.split_features(split, samples)
             dataset = FeatureDataset(features, [s.label for s in samples])
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler)
+            return DataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                shuffle=shuffle,
+                sampler=sampler,
+                pin_memory=on_gpu,
+            )
         return DataLoader(
-            self.image_dataset(samples),
+            self.image_dataset(samples, train),
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=on_gpu,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -3,26 +3,67 @@
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
 from lightning import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DistributedSampler
 
-from sem_cls.evaluation.reports import write_reports
+from sem_cls.evaluation.reports import write_evaluation, write_reports
+from sem_cls.evaluation.scores import split_scores
 from sem_cls.tracking import log_artifacts
 
 log = logging.getLogger(__name__)
 
 
+def in_split_order(trainer, split: str, *arrays):
+    """`arrays` (predictions of an evaluation pass, gathered from every rank) in the split's
+    order, each image once. Under DDP, Lightning gives rank r every world_size-th image of the
+    split through a DistributedSampler, padded with repeats to equal shares, and the metrics
+    gather rank after rank; with one process the order is already the split's."""
+    world = trainer.world_size
+    samples = getattr(trainer.datamodule, "samples", {}).get(split)
+    if world == 1 or not samples:
+        return arrays
+    shares = [DistributedSampler(samples, world, rank, shuffle=False) for rank in range(world)]
+    gathered = np.concatenate([list(share) for share in shares])
+    if len(gathered) != len(arrays[0]):
+        log.warning("%s: predictions not in split order; per-image reports may mismatch.", split)
+        return arrays
+    first = torch.as_tensor(np.unique(gathered, return_index=True)[1])
+    return tuple(array[first] for array in arrays)
+
+
 class EvaluationReports(Callback):
-    """Confusion matrix and classification report for `val` (at the best epoch) and `test`.
+    """Reports for `val` (at the best epoch) and for every test pass (`test`, `external/<name>`).
 
     The best epoch is judged as ModelCheckpoint judges it (`monitor`, higher is better), so the
     validation report belongs to the checkpoint that is kept. Keeping its predictions spares a
-    second pass over the validation set.
+    second pass over the validation set; it has confusion matrices and the classification
+    report. Test passes also get top-3 accuracy, macro and weighted F1, seeded bootstrap
+    intervals for accuracy and macro-F1, calibration, the most confident mistakes and
+    per-image predictions; their scores are logged as `<split>/<name>` metrics too.
     """
 
-    def __init__(self, output_dir: str, monitor: str = "val/acc"):
+    def __init__(
+        self,
+        output_dir: str,
+        monitor: str = "val/acc",
+        bootstrap_resamples: int = 1000,
+        confidence_level: float = 0.95,
+        calibration_bins: int = 15,
+        gallery_size: int = 16,
+        seed: int = 0,
+    ):
         self.output_dir = Path(output_dir)
         self.monitor = monitor
+        self.settings = {
+            "bootstrap_resamples": bootstrap_resamples,
+            "confidence_level": confidence_level,
+            "calibration_bins": calibration_bins,
+            "gallery_size": gallery_size,
+            "seed": seed,
+        }
         self.best_score = None
         self.best_predictions = None
 
@@ -32,7 +73,7 @@ class EvaluationReports(Callback):
         score = trainer.callback_metrics.get(self.monitor)
         if score is not None and (self.best_score is None or score > self.best_score):
             self.best_score = score.item()
-            self.best_predictions = pl_module.predictions()
+            self.best_predictions = in_split_order(trainer, "val", *pl_module.predictions())
 
     def state_dict(self) -> dict:
         # In checkpoints: a resumed run still writes the report of the best epoch before a kill.
@@ -44,21 +85,60 @@ class EvaluationReports(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         if self.best_predictions is not None and trainer.is_global_zero:
-            self._write(trainer, pl_module, "val", *self.best_predictions)
+            targets, preds = (t.cpu().numpy() for t in self.best_predictions)
+            out_dir = self.output_dir / "val"
+            paths = write_reports(
+                out_dir, targets, preds, pl_module.class_names, self._title("val", targets, preds)
+            )
+            log.info("val reports in %s", out_dir)
+            log_artifacts(trainer.loggers, paths, "reports/val")
 
-    def on_test_end(self, trainer, pl_module):
-        targets, preds = pl_module.predictions()
-        if trainer.is_global_zero:
-            self._write(trainer, pl_module, pl_module.test_split, targets, preds)
-
-    def _write(self, trainer, pl_module, split, targets, preds):
+    def on_test_epoch_end(self, trainer, pl_module):
+        # Here, not in on_test_end, so the scores can still be logged as metrics of the pass.
+        split = pl_module.test_split
+        targets, probs = in_split_order(
+            trainer, split, pl_module.predictions()[0], pl_module.probabilities()
+        )
+        targets, probs = targets.cpu().numpy(), probs.cpu().double().numpy()
+        settings = self.settings
+        scores = split_scores(
+            targets,
+            probs,
+            settings["bootstrap_resamples"],
+            settings["confidence_level"],
+            settings["seed"],
+            settings["calibration_bins"],
+        )
+        extra = ("acc_ci_low", "acc_ci_high", "f1_macro_ci_low", "f1_macro_ci_high")
+        for name in (*extra, "f1_weighted", "ece"):
+            # Every rank computed the same scores from the gathered predictions.
+            pl_module.log(f"{split}/{name}", scores[name], sync_dist=True)
+        if not trainer.is_global_zero:
+            return
         out_dir = self.output_dir / split
-        paths = write_reports(
+        paths = write_evaluation(
             out_dir,
-            targets.cpu().numpy(),
-            preds.cpu().numpy(),
+            targets,
+            probs,
             pl_module.class_names,
-            f"{split}: {len(targets)} images, accuracy {(targets == preds).float().mean():.3f}",
+            self._samples(trainer, split, len(targets)),
+            self._title(split, targets, probs.argmax(axis=1)),
+            scores,
+            settings,
         )
         log.info("%s reports in %s", split, out_dir)
         log_artifacts(trainer.loggers, paths, f"reports/{split}")
+
+    @staticmethod
+    def _title(split, targets, preds) -> str:
+        return f"{split}: {len(targets)} images, accuracy {(targets == preds).mean():.3f}"
+
+    @staticmethod
+    def _samples(trainer, split: str, count: int):
+        """The images of the pass in loader order (test loaders do not shuffle): the split's
+        samples in the datamodule, where eval.py also puts each external folder's."""
+        samples = getattr(trainer.datamodule, "samples", {}).get(split)
+        if samples is None or len(samples) != count:
+            log.warning("No image paths for %s: its reports list predictions without them.", split)
+            return None
+        return samples

@@ -87,7 +87,7 @@ def _pretrained_overlay(name: str, weights_file: str | None) -> dict | None:
 
 
 def create_backbone(
-    name: str, pretrained: bool = True, weights_file: str | None = None
+    name: str, pretrained: bool = True, weights_file: str | None = None, **model_args
 ) -> nn.Module:
     """A timm model without classifier; pretrained weights from the hub or `weights_file`.
 
@@ -98,7 +98,11 @@ def create_backbone(
     overlay = _pretrained_overlay(name, weights_file) if pretrained else None
     try:
         model = timm.create_model(
-            name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay
+            name,
+            pretrained=pretrained,
+            num_classes=0,
+            pretrained_cfg_overlay=overlay,
+            **model_args,
         )
     except (OSError, RuntimeError) as err:
         if not pretrained:

@@ -1,5 +1,6 @@
-"""SEMClassifier: a timm backbone, frozen by default, with a new linear head (a LightningModule)."""
+"""SEMClassifier: a timm backbone, frozen by default, with a new head (a LightningModule)."""
 
+import timm.data
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
@@ -11,16 +12,21 @@ from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
 from sem_cls.errors import UserError
-from sem_cls.models import backbones
+from sem_cls.models import backbones, finetune
 
 CLASS_WEIGHTINGS = ("none", "balanced")
+# Weight of InceptionV3's auxiliary loss, as in its paper and torchvision's recipe.
+AUX_LOSS_WEIGHT = 0.4
 
 
 class SEMClassifier(LightningModule):
-    """Backbone features -> linear head -> class logits; cross-entropy, Adam by default.
+    """Backbone features -> head -> class logits; cross-entropy, Adam by default.
 
-    With `freeze=True` the backbone is a fixed feature extractor: no gradients, BatchNorm in
-    inference mode with its statistics frozen, so only the head learns.
+    With `freeze="all"` (or true) the backbone is a fixed feature extractor: no gradients,
+    BatchNorm in inference mode with its statistics frozen, so only the head learns. `"none"`
+    fine-tunes everything; a number N fine-tunes the last N stages (sem_cls.models.finetune),
+    after `unfreeze_after` epochs of head-only training, optionally with layer-wise learning-rate
+    decay and a warmup + cosine schedule.
     """
 
     def __init__(
@@ -29,10 +35,20 @@ class SEMClassifier(LightningModule):
         backbone: str = "inception_v3",
         pretrained: bool = True,
         weights_file: str | None = None,
-        freeze: bool = True,
+        freeze: bool | str | int = True,
         optimizer=None,
         class_weighting: str = "none",
         label_smoothing: float = 0.0,
+        unfreeze_after: int = 0,
+        layer_decay: float | None = None,
+        warmup_epochs: int = 0,
+        cosine_decay: bool = False,
+        head: str = "linear",
+        head_hidden: int = 512,
+        head_dropout: float = 0.0,
+        aux_logits: bool = False,
+        mixup: dict | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         if class_weighting not in CLASS_WEIGHTINGS:
@@ -41,24 +57,41 @@ class SEMClassifier(LightningModule):
             )
         if not 0 <= label_smoothing < 1:
             raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1).")
-        # The optimizer factory is rebuilt from config, not pickled into checkpoints.
-        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        # The optimizer factory is rebuilt from config, not pickled into checkpoints; compiling
+        # is a choice of the run, not of the model a checkpoint holds.
+        self.save_hyperparameters(ignore=["optimizer", "compile"], logger=False)
         self.class_names = list(class_names)
         self.optimizer_factory = optimizer
         # channels_last: about 1.5x faster convolutions on CPU (oneDNN) and on tensor-core GPUs.
-        self.backbone = backbones.create_backbone(backbone, pretrained, weights_file).to(
+        extra = {"aux_logits": True} if aux_logits else {}
+        self.backbone = backbones.create_backbone(backbone, pretrained, weights_file, **extra).to(
             memory_format=torch.channels_last
         )
-        if freeze:
+        stages = finetune.backbone_stages(self.backbone)
+        learning = finetune.trainable_stage_count(freeze, len(stages))
+        # Frozen throughout: a fixed feature extractor, whose features can be cached.
+        self.frozen = learning == 0
+        if self.frozen:
             backbones.freeze(self.backbone)
-        self.frozen = freeze
+        self.learning_names = set(finetune.freeze_stages(self.backbone, stages, learning))
+        if compile and not self.frozen:
+            # torch.compile where the backbone runs every batch (a frozen one runs once per
+            # image, for the cache). In place: the state dict keeps its names.
+            self.backbone.compile()
         # What test passes are logged as: "test", or e.g. "external/lab_b" for another folder.
         self.test_split = "test"
+        # Test-time augmentation in evaluation passes (eval.py tta=true).
+        self.tta = False
         num_classes = len(self.class_names)
-        self.head = nn.Linear(self.backbone.num_features, num_classes)
-        # Linear-probe init: small weights, zero bias.
-        nn.init.normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        self.head = finetune.make_head(
+            head, self.backbone.num_features, num_classes, head_hidden, head_dropout
+        )
+        self.aux_head = None
+        if aux_logits:
+            # InceptionV3's auxiliary classifier, on its 768 pooled features; training only.
+            self.backbone.AuxLogits.fc = nn.Identity()
+            self.aux_head = nn.Linear(768, num_classes)
+        self.mixup = timm.data.Mixup(**mixup, num_classes=num_classes) if mixup else None
 
         def accuracy(top_k=1):
             return MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
@@ -75,29 +108,51 @@ class SEMClassifier(LightningModule):
         self.val_acc_best.persistent(True)
         # Training-loss weight per class; set from the training split's counts in setup().
         self.register_buffer("class_weights", torch.ones(num_classes), persistent=False)
-        # Predictions of the current evaluation pass, for confusion matrix and report.
-        self.eval_targets, self.eval_preds = CatMetric(), CatMetric()
+        # Targets and class probabilities of the current evaluation pass, for the reports.
+        self.eval_targets, self.eval_probs = CatMetric(), CatMetric()
 
     @property
     def data_config(self) -> dict:
         """Input size, mean/std and interpolation the backbone was trained with."""
         return resolve_model_data_config(self.backbone)
 
+    def head_only(self) -> bool:
+        """True while only the head learns: a frozen backbone, or the epochs before unfreezing."""
+        return self.frozen or self.current_epoch < self.hparams.unfreeze_after
+
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.frozen:
+        if self.head_only():
             # Dropout and stochastic depth inside a frozen backbone stay off while the head trains.
             self.backbone.eval()
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def on_train_epoch_start(self) -> None:
+        # From unfreeze_after on, the scheduled stages learn; before, only the head. Set every
+        # epoch from the epoch number, so a resumed run is in the right phase too.
+        learning = not self.head_only()
+        for name, parameter in self.backbone.named_parameters():
+            if name in self.learning_names:
+                parameter.requires_grad_(learning)
+        self.train()
+
+    def _features(self, images: torch.Tensor):
+        """(B, 3, H, W) -> (B, num_features), and InceptionV3's auxiliary features or None."""
         images = images.contiguous(memory_format=torch.channels_last)
         if self.frozen:
             with torch.no_grad():
-                features = self.backbone(images)  # (B, 3, H, W) -> (B, num_features)
+                features = self.backbone(images)
         else:
             features = self.backbone(images)
-        return self.head(features)  # (B, num_features) -> (B, num_classes)
+        return features if isinstance(features, tuple) else (features, None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self._features(images)[0])  # (B, num_features) -> (B, num_classes)
+
+    def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Log of the class probabilities averaged over the 8 flips and 90-degree turns."""
+        views = [torch.rot90(v, k, (-2, -1)) for v in (images, images.flip(-1)) for k in range(4)]
+        return torch.stack([self(view).float().softmax(1) for view in views]).mean(0).log()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -109,18 +164,26 @@ class SEMClassifier(LightningModule):
 
     def _step(self, batch, training: bool = False):
         inputs, targets = batch
-        # (B, num_features) batches are cached backbone features: only the head runs.
-        logits = self.head(inputs) if inputs.ndim == 2 else self(inputs)
-        if training:
-            # Weighting and smoothing shape what is learned; evaluation losses stay plain.
-            loss = F.cross_entropy(
-                logits,
-                targets,
-                weight=self.class_weights,
-                label_smoothing=self.hparams.label_smoothing,
-            )
-        else:
-            loss = F.cross_entropy(logits, targets)
+        if not training:
+            # (B, num_features) batches are cached backbone features: only the head runs.
+            if inputs.ndim == 2:
+                logits = self.head(inputs)
+            else:
+                logits = self.tta_logits(inputs) if self.tta else self(inputs)
+            return F.cross_entropy(logits, targets), logits, targets
+        learned = targets
+        # timm's Mixup pairs images within a batch, so it needs an even number of them.
+        if self.mixup is not None and inputs.ndim == 4 and len(inputs) % 2 == 0:
+            inputs, learned = self.mixup(inputs, targets)  # mixed images, soft targets
+        features, aux = (inputs, None) if inputs.ndim == 2 else self._features(inputs)
+        logits = self.head(features)
+        # Weighting and smoothing shape what is learned; evaluation losses stay plain.
+        smoothing = 0.0 if learned is not targets else self.hparams.label_smoothing
+        loss = F.cross_entropy(
+            logits, learned, weight=self.class_weights, label_smoothing=smoothing
+        )
+        if aux is not None and self.aux_head is not None:
+            loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(self.aux_head(aux), learned)
         return loss, logits, targets
 
     def training_step(self, batch, batch_idx):
@@ -133,7 +196,7 @@ class SEMClassifier(LightningModule):
 
     def on_validation_epoch_start(self):
         self.eval_targets.reset()
-        self.eval_preds.reset()
+        self.eval_probs.reset()
 
     def validation_step(self, batch, batch_idx):
         loss, logits, targets = self._step(batch)
@@ -142,15 +205,17 @@ class SEMClassifier(LightningModule):
         self.val_f1(logits, targets)
         self.val_recall(logits, targets)
         self.eval_targets.update(targets)
-        self.eval_preds.update(logits.argmax(dim=1))
+        self.eval_probs.update(logits.float().softmax(dim=1))
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/f1_macro", self.val_f1, on_step=False, on_epoch=True)
 
     def _log_recall(self, split: str, recall: MulticlassRecall) -> None:
         # Per-class recall beside accuracy: on imbalanced data a rare class can sit at 0.
+        # Plain tensors (torchmetrics objects sync themselves): sync_dist reduces them over DDP
+        # ranks, which already agree, since compute() gathered every rank's predictions.
         for name, value in zip(self.class_names, recall.compute(), strict=True):
-            self.log(f"{split}/recall/{name}", value)
+            self.log(f"{split}/recall/{name}", value, sync_dist=True)
         recall.reset()
 
     def on_validation_epoch_end(self):
@@ -159,11 +224,11 @@ class SEMClassifier(LightningModule):
             return
         self._log_recall("val", self.val_recall)
         self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def on_test_epoch_start(self):
         self.eval_targets.reset()
-        self.eval_preds.reset()
+        self.eval_probs.reset()
 
     def test_step(self, batch, batch_idx):
         loss, logits, targets = self._step(batch)
@@ -173,7 +238,7 @@ class SEMClassifier(LightningModule):
         self.test_f1(logits, targets)
         self.test_recall(logits, targets)
         self.eval_targets.update(targets)
-        self.eval_preds.update(logits.argmax(dim=1))
+        self.eval_probs.update(logits.float().softmax(dim=1))
         self.log(f"{self.test_split}/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log(f"{self.test_split}/acc", self.test_acc, on_step=False, on_epoch=True)
         self.log(f"{self.test_split}/acc_top3", self.test_acc_top3, on_step=False, on_epoch=True)
@@ -184,7 +249,12 @@ class SEMClassifier(LightningModule):
 
     def predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(targets, predicted classes) of the last validation or test pass."""
-        return self.eval_targets.compute().long(), self.eval_preds.compute().long()
+        return self.eval_targets.compute().long(), self.probabilities().argmax(dim=1)
+
+    def probabilities(self) -> torch.Tensor:
+        """(N, num_classes) class probabilities of the last validation or test pass, in the
+        loader's order."""
+        return self.eval_probs.compute()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets eval.py link its results to the training run.
@@ -195,5 +265,25 @@ class SEMClassifier(LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise RuntimeError("SEMClassifier needs an optimizer factory to train.")
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        return self.optimizer_factory(params=trainable)
+        # Every parameter the schedule will train goes in now; before unfreeze_after they get
+        # no gradient, and optimizers leave parameters without one untouched.
+        for name, parameter in self.backbone.named_parameters():
+            if name in self.learning_names:
+                parameter.requires_grad_(True)
+        settings = getattr(self.optimizer_factory, "keywords", {})
+        heads = [p for module in (self.head, self.aux_head) if module for p in module.parameters()]
+        groups = [{"params": heads}] + finetune.backbone_param_groups(
+            self.backbone,
+            settings.get("lr", 1e-3),
+            settings.get("weight_decay", 0.0),
+            self.hparams.layer_decay,
+        )
+        optimizer = self.optimizer_factory(params=groups)
+        if not (self.hparams.warmup_epochs or self.hparams.cosine_decay):
+            return optimizer
+        factor = finetune.warmup_cosine(
+            self.hparams.warmup_epochs, self.hparams.cosine_decay, self.trainer.max_epochs
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        schedule = {"scheduler": scheduler, "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -5,7 +5,8 @@ of a sweep over the head, so they are computed once. An entry is keyed by everyt
 changes them (architecture, every weight, preprocessing, precision, the images' content), so a
 stale entry is never read. Entries are .npy files read memory-mapped, so memory does not grow
 with the dataset, and written under a temporary name then renamed, so an interrupted
-extraction leaves nothing that looks complete.
+extraction leaves nothing that looks complete. Under DDP each rank extracts every
+world_size-th image into a shard of its own, and rank 0 merges the shards into the entry.
 """
 
 import hashlib
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,11 @@ def extract_features(
     # A private generator: extracting must not shift the global RNG, or the shuffling of the
     # head's training would depend on whether the cache was warm.
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator()
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        generator=torch.Generator(),
+        pin_memory=device.type == "cuda",
     )
     row = 0
     for images, _ in tqdm(loader, desc="backbone features", unit="batch"):
@@ -92,17 +97,28 @@ class FeatureCache:
         batch_size: int = 32,
         num_workers: int = 2,
         bf16: bool = False,
+        strategy=None,
     ) -> np.ndarray:
-        """(N, num_features) features of `dataset`'s images, memory-mapped; computed on a miss."""
+        """(N, num_features) features of `dataset`'s images, memory-mapped; computed on a miss.
+
+        With a distributed Lightning `strategy`, every rank must call this with the same
+        arguments: the extraction is shared among them (see `_extract_sharded`).
+        """
         images_key = hashlib.sha256("\n".join(image_digests).encode()).hexdigest()[:24]
         entry_dir = self.cache_dir / self.backbone_key(backbone, preprocessing, bf16)
         entry = entry_dir / f"{images_key}.npy"
-        if entry.is_file():
+        distributed = strategy is not None and strategy.world_size > 1
+        # Rank 0 decides hit or miss for all, so no rank waits at a barrier the others skip.
+        hit = strategy.broadcast(entry.is_file()) if distributed else entry.is_file()
+        if hit:
             log.info("Feature cache hit: %s", entry)
             return np.load(entry, mmap_mode="r")
 
         log.info("Feature cache miss: extracting %d images into %s", len(dataset), entry)
         entry_dir.mkdir(parents=True, exist_ok=True)
+        if distributed:
+            args = (backbone, dataset, batch_size, num_workers, bf16)
+            return self._extract_sharded(entry, *args, strategy)
         partial = entry.with_suffix(f".partial-{os.getpid()}.npy")
         try:
             out = np.lib.format.open_memmap(
@@ -113,5 +129,47 @@ class FeatureCache:
             del out
             os.replace(partial, entry)  # atomic: readers see no entry or a complete one
         finally:
+            partial.unlink(missing_ok=True)
+        return np.load(entry, mmap_mode="r")
+
+    @staticmethod
+    def _extract_sharded(entry, backbone, dataset, batch_size, num_workers, bf16, strategy):
+        """Rank r extracts rows r, r + world_size, ... into its own shard file; after a barrier
+        rank 0 interleaves the shards into the entry (written under a temporary name and
+        renamed, as alone), and after another all ranks read it. Shards and entry must be on a
+        filesystem that every rank sees: with several nodes, a shared cache_dir."""
+        rank, world = strategy.global_rank, strategy.world_size
+        # Named after rank 0's process, so two jobs extracting the same entry never share a file.
+        job = strategy.broadcast(os.getpid())
+        shards = [entry.with_suffix(f".partial-{job}-{r}-of-{world}.npy") for r in range(world)]
+        shard, partial = shards[rank], entry.with_suffix(f".partial-{job}.npy")
+        num_features = backbone.num_features
+        rows = range(rank, len(dataset), world)
+        try:
+            out = np.lib.format.open_memmap(
+                shard, mode="w+", dtype=np.float32, shape=(len(rows), num_features)
+            )
+            extract_features(backbone, Subset(dataset, rows), batch_size, num_workers, bf16, out)
+            out.flush()
+            del out
+            strategy.barrier("feature shards written")
+            if strategy.is_global_zero:
+                missing = [str(path) for path in shards if not path.is_file()]
+                if missing:
+                    raise RuntimeError(
+                        f"Feature shards of other ranks are not visible here: {missing}. Put "
+                        "data.cache_dir on a filesystem that every node shares."
+                    )
+                merged = np.lib.format.open_memmap(
+                    partial, mode="w+", dtype=np.float32, shape=(len(dataset), num_features)
+                )
+                for r, path in enumerate(shards):
+                    merged[r::world] = np.load(path, mmap_mode="r")  # rows r, r + world, ...
+                merged.flush()
+                del merged
+                os.replace(partial, entry)  # atomic: readers see no entry or a complete one
+            strategy.barrier("feature cache entry merged")
+        finally:
+            shard.unlink(missing_ok=True)
             partial.unlink(missing_ok=True)
         return np.load(entry, mmap_mode="r")
