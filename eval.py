@@ -82,7 +82,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     }
     trainer.test(model, datamodule=datamodule)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    if OmegaConf.select(cfg, "saliency.images"):
+    if OmegaConf.select(cfg, "saliency.images") and trainer.is_global_zero:  # once, not per rank
         saliency = write_saliency(
             Path(cfg.paths.output_dir) / "reports" / "test" / "saliency.png",
             model,
