@@ -95,13 +95,11 @@ def classify_files(
     bar = tqdm(total=len(files), desc="Classifying", unit="image", disable=not progress)
     with torch.inference_mode(), bar:
         for images, batch_errors in loader:
-            images = images.to(device).contiguous(memory_format=torch.channels_last)
+            images = images.to(device)
             # A frozen backbone runs as the feature cache ran it for training and evaluation
             # (bf16 autocast with data.bf16), so the head sees the features it was fit on.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and model.frozen):
-                features = model.backbone(images)  # (B, 3, H, W) -> (B, num_features)
-            if isinstance(features, tuple):  # InceptionV3 with its auxiliary classifier
-                features = features[0]
+                features, _ = model.backbone_features(images)  # (B, 3, H, W) -> (B, num_features)
             probs.append(model.head(features.float()).float().softmax(dim=1).cpu())
             errors += batch_errors
             bar.update(len(images))

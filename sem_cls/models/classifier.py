@@ -136,7 +136,7 @@ class SEMClassifier(LightningModule):
                 parameter.requires_grad_(learning)
         self.train()
 
-    def _features(self, images: torch.Tensor):
+    def backbone_features(self, images: torch.Tensor):
         """(B, 3, H, W) -> (B, num_features), and InceptionV3's auxiliary features or None."""
         images = images.contiguous(memory_format=torch.channels_last)
         if self.frozen:
@@ -147,7 +147,7 @@ class SEMClassifier(LightningModule):
         return features if isinstance(features, tuple) else (features, None)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self._features(images)[0])  # (B, num_features) -> (B, num_classes)
+        return self.head(self.backbone_features(images)[0])  # (B, num_features) -> (B, num_classes)
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Log of the class probabilities averaged over the 8 flips and 90-degree turns."""
@@ -175,7 +175,7 @@ class SEMClassifier(LightningModule):
         # timm's Mixup pairs images within a batch, so it needs an even number of them.
         if self.mixup is not None and inputs.ndim == 4 and len(inputs) % 2 == 0:
             inputs, learned = self.mixup(inputs, targets)  # mixed images, soft targets
-        features, aux = (inputs, None) if inputs.ndim == 2 else self._features(inputs)
+        features, aux = (inputs, None) if inputs.ndim == 2 else self.backbone_features(inputs)
         logits = self.head(features)
         # Weighting and smoothing shape what is learned; evaluation losses stay plain.
         smoothing = 0.0 if learned is not targets else self.hparams.label_smoothing

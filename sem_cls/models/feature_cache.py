@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +78,16 @@ class FeatureCache:
 
     def __init__(self, cache_dir: str | Path):
         self.cache_dir = Path(cache_dir)
+        # A frozen backbone's weights do not change: hash them once per backbone, not per split
+        # (about 100 MB of sha256 for InceptionV3).
+        self._weights: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
-    @staticmethod
-    def backbone_key(backbone: nn.Module, preprocessing: dict, bf16: bool) -> str:
+    def backbone_key(self, backbone: nn.Module, preprocessing: dict, bf16: bool) -> str:
+        if backbone not in self._weights:
+            self._weights[backbone] = weights_digest(backbone)
         description = {
             "architecture": backbone.pretrained_cfg.get("architecture", type(backbone).__name__),
-            "weights": weights_digest(backbone),
+            "weights": self._weights[backbone],
             "preprocessing": preprocessing,
             "bf16": bf16,
         }
