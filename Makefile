@@ -53,7 +53,7 @@ server: $(STAMP)  ## MLflow tracking server for runs and artifacts in mlruns/, o
 		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--serve-artifacts --artifacts-destination $(CURDIR)/mlruns/artifacts
 
-bench: $(STAMP)  ## the benchmarks of the README's Performance section (about 30 minutes)
+bench: $(STAMP)  ## the benchmarks of docs/performance.md (about 30 minutes)
 	$(PY) bench/throughput.py
 	$(PY) bench/cache_sweep.py
 	$(PY) bench/memory.py
