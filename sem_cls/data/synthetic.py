@@ -13,11 +13,14 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import tempfile
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
+
+from sem_cls.errors import UserError
 
 CLASSES: tuple[str, ...] = (
     "Biological",
@@ -860,9 +863,10 @@ def _write_image(job: tuple) -> tuple[str, str, str | None]:
 
 def _read_marker(root: pathlib.Path) -> dict | None:
     try:
-        return json.loads((root / MARKER_NAME).read_text())
+        marker = json.loads((root / MARKER_NAME).read_text())
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
 def _is_complete(root: pathlib.Path, params: dict) -> bool:
@@ -878,27 +882,103 @@ def _is_complete(root: pathlib.Path, params: dict) -> bool:
     )
 
 
+def _listed_files(marker: dict) -> set[str]:
+    """The relative paths a marker says the generator wrote, marker included."""
+    files = marker.get("files")
+    listed = {MARKER_NAME}
+    if isinstance(files, dict):
+        for class_name, entries in files.items():
+            for entry in entries if isinstance(entries, list) else []:
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                    listed.add(f"{class_name}/{entry['name']}")
+    return listed
+
+
+def _foreign_entries(root: pathlib.Path) -> list[str]:
+    """What under `root` the generator did not write; empty when the whole folder is its own.
+
+    A folder is the generator's when its marker lists every file in it: a user who drops
+    images into a generated set, or keeps NFFA-named folders of their own, gets them listed.
+    """
+    if not os.path.lexists(root):
+        return []
+    if not root.is_dir():  # a file, or a link to nowhere
+        return [root.name]
+    marker = _read_marker(root)
+    if marker is None:
+        return sorted(p.name for p in root.iterdir())
+    listed = _listed_files(marker)
+    foreign = []
+    for top in sorted(root.iterdir()):
+        if top.name == MARKER_NAME and top.is_file() and not top.is_symlink():
+            continue
+        # Class folders must be real folders: through a link, the files would be someone else's.
+        if top.name not in CLASSES or top.is_symlink() or not top.is_dir():
+            foreign.append(top.name)
+            continue
+        for path in sorted(top.iterdir()):
+            relative = f"{top.name}/{path.name}"
+            if relative not in listed or path.is_symlink() or not path.is_file():
+                foreign.append(relative)
+    return foreign
+
+
 def _refuse_foreign(root: pathlib.Path) -> None:
-    """Only a generated set (or nothing) may sit at `root`: it is deleted on regeneration."""
-    if not root.exists():
-        return
-    ours = set(CLASSES) | {MARKER_NAME}
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in ours)
+    """Stop unless `root` is missing, empty, or a set this generator wrote and nobody added to."""
+    foreign = _foreign_entries(root)
     if foreign:
-        raise FileExistsError(
-            f"{root} holds files that are not a generated SEM set ({', '.join(foreign[:5])}); "
-            "choose another root or empty it"
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        why = "" if _read_marker(root) else f", and it has no marker file {MARKER_NAME}"
+        raise UserError(
+            f"{root} holds files the SEM-like set generator did not write ({shown}{why}); they "
+            "are left as they are and nothing was written there. Choose another folder for the "
+            "generated set."
         )
 
 
+def _remove_generated(old: pathlib.Path, marker: dict) -> list[str]:
+    """Delete the files `marker` lists under `old`, then the emptied folders; return the rest.
+
+    Only listed files go, so a file someone added after the check survives.
+    """
+    for relative in sorted(_listed_files(marker) - {MARKER_NAME}):
+        (old / relative).unlink(missing_ok=True)
+    (old / MARKER_NAME).unlink(missing_ok=True)
+    for class_name in CLASSES:
+        try:
+            (old / class_name).rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+    try:
+        old.rmdir()
+    except OSError:
+        return sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if not p.is_dir())
+    return []
+
+
 def _swap_in(root: pathlib.Path, fresh: pathlib.Path) -> None:
-    if root.exists():
-        old = root.with_name(f".{root.name}.old-{os.getpid()}")
-        root.rename(old)
+    """Move the complete `fresh` set to `root`; an earlier generated set there is removed."""
+    if not os.path.lexists(root):
         fresh.rename(root)
-        shutil.rmtree(old)
-    else:
-        fresh.rename(root)
+        return
+    _refuse_foreign(root)  # again: files may have arrived while the new set was drawn
+    marker = _read_marker(root) or {}
+    # A fresh holder folder, so the old set's temporary name can never be taken already.
+    holder = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+    old = holder / root.name
+    root.rename(old)
+    fresh.rename(root)
+    left = _remove_generated(old, marker)
+    if left:
+        raise UserError(
+            f"Files appeared in {root} while the generated set was replaced; they are kept in "
+            f"{old}: {', '.join(left[:5])}."
+        )
+    holder.rmdir()
 
 
 def generate_dataset(
@@ -913,7 +993,9 @@ def generate_dataset(
 
     A marker file records the parameters and every file; when it matches and the files are
     there, nothing is written. The set is built in a sibling directory and moved in when
-    complete, so an interrupted run never looks finished.
+    complete, so an interrupted run never looks finished. An existing `root` is replaced only
+    when it is empty or a set written here whose marker lists every file in it; anything
+    else raises UserError and is left untouched.
     """
     root = pathlib.Path(root)
     if images_per_class < 1:
@@ -933,8 +1015,8 @@ def generate_dataset(
     _refuse_foreign(root)
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.with_name(f".{root.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    # mkdtemp makes a new folder, so the staging area is never one that was already there.
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     for class_name in CLASSES:
         (staging / class_name).mkdir(parents=True)
     bars = [info_bar_kind(seed, i, info_bar_share) for i in range(images_per_class)]
@@ -977,14 +1059,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    root = generate_dataset(
-        args.root,
-        args.images_per_class,
-        seed=args.seed,
-        info_bar_share=args.info_bar_share,
-        size=(args.width, args.height),
-        workers=args.workers,
-    )
+    try:
+        root = generate_dataset(
+            args.root,
+            args.images_per_class,
+            seed=args.seed,
+            info_bar_share=args.info_bar_share,
+            size=(args.width, args.height),
+            workers=args.workers,
+        )
+    except UserError as err:
+        parser.exit(2, f"{err}\n")
     total = args.images_per_class * len(CLASSES)
     print(f"{total} images ({args.images_per_class} per class, {len(CLASSES)} classes) in {root}")
 
