@@ -285,3 +285,15 @@ def test_cli_refuses_a_foreign_root_with_exit_2(tmp_path, capsys):
     assert stop.value.code == 2
     assert str(tmp_path) in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_marker_cannot_point_the_clean_up_outside_its_folder(tmp_path):
+    root = generate_dataset(tmp_path / "set", 1, seed=0, size=SIZE, workers=1)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    marker = _manifest(root)
+    marker["files"]["Tips"].append({"name": "../../../outside.txt", "info_bar": None})
+    (root / synthetic.MARKER_NAME).write_text(json.dumps(marker))
+    generate_dataset(root, 2, seed=0, size=SIZE, workers=1)  # replaces the old set
+    assert outside.read_text() == "keep"
+    assert len(_images(root)) == 20

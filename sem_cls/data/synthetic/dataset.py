@@ -83,9 +83,11 @@ def _listed_files(marker: dict) -> set[str]:
     listed = {MARKER_NAME}
     if isinstance(files, dict):
         for class_name, entries in files.items():
-            for entry in entries if isinstance(entries, list) else []:
-                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                    listed.add(f"{class_name}/{entry['name']}")
+            for entry in entries if isinstance(entries, list) and class_name in CLASSES else []:
+                name = entry.get("name") if isinstance(entry, dict) else None
+                # Plain names only: a marker must never point the clean-up outside its folder.
+                if isinstance(name, str) and pathlib.PurePath(name).name == name != "..":
+                    listed.add(f"{class_name}/{name}")
     return listed
 
 
@@ -97,7 +99,7 @@ def _foreign_entries(root: pathlib.Path) -> list[str]:
     """
     if not os.path.lexists(root):
         return []
-    if not root.is_dir():  # a file, or a link to nowhere
+    if root.is_symlink() or not root.is_dir():  # through a link the files may be anyone's
         return [root.name]
     marker = _read_marker(root)
     if marker is None:
