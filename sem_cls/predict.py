@@ -121,6 +121,10 @@ def decide(probs: np.ndarray, class_names: list[str], min_confidence: float | No
     return decisions
 
 
+# The first columns of every predictions CSV: how check_output knows one it may replace.
+PREDICTIONS_HEADER = "path,predicted_class,confidence"
+
+
 def write_predictions(
     path: Path,
     files: list[Path],
@@ -136,7 +140,7 @@ def write_predictions(
     decisions = decide(probs, class_names, min_confidence)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        header = ["path", "predicted_class", "confidence"]
+        header = PREDICTIONS_HEADER.split(",")
         for rank in range(1, classes.shape[1] + 1):
             header += [f"top{rank}_class", f"top{rank}_prob"]
         writer.writerow([*header, "error"])
@@ -152,12 +156,29 @@ def write_predictions(
     return path
 
 
+def check_output(path: Path) -> None:
+    """An existing `path` may be replaced only when it is an earlier predictions CSV."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        with path.open(newline="") as f:
+            ours = path.is_file() and f.readline().startswith(PREDICTIONS_HEADER)
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise UserError(
+            f"output={path} exists and is not a predictions file of an earlier run; it is left "
+            "as it is. Give another output=... path."
+        )
+
+
 def predict(cfg) -> Path:
     """Classify every image of `cfg.inputs` with the model of `cfg.ckpt_path`; write cfg.output."""
     from sem_cls.registry import load_model
 
     if cfg.top_k < 1:
         raise UserError(f"top_k={cfg.top_k}: give the number of classes to list, 1 or more.")
+    check_output(Path(cfg.output))  # before the work, so a refusal costs nothing
     files = image_files(cfg.inputs)
     model, _, recorded = load_model(cfg.ckpt_path, cfg.get("tracking_uri"))
     # Unset preprocessing follows what an MLflow model recorded of its training, else defaults.

@@ -14,7 +14,12 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from sem_cls.data.download import download_dataset, download_from_config, record_files
+from sem_cls.data.download import (
+    PARTIAL_SUFFIX,
+    download_dataset,
+    download_from_config,
+    record_files,
+)
 from sem_cls.errors import UserError
 from tests.conftest import ROOT, compose_config
 
@@ -315,3 +320,15 @@ def test_default_variant_lands_where_training_reads(serve, tars, tmp_path):
     assert Path(cfg.target_dir).name == Path(train.data.data_dir).name == "nffa"
     download_from_config(cfg)
     assert_unpacked(tmp_path / "data" / "nffa", tars)
+
+
+def test_only_unpacking_folders_of_a_killed_run_are_cleared(serve, tars, tmp_path):
+    target = tmp_path / "nffa"
+    stale = target / f".Tips.k3j9x_0q{PARTIAL_SUFFIX}"  # as extract_class's mkdtemp names it
+    (stale / "Tips").mkdir(parents=True)
+    mine = target / f".my_notes{PARTIAL_SUFFIX}"
+    mine.mkdir()
+    (mine / "draft.txt").write_text("a folder of the user's")
+    fetch(serve(tars), target)
+    assert not stale.exists()
+    assert (mine / "draft.txt").read_text() == "a folder of the user's"

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sem_cls.predict import predict
+from sem_cls.errors import UserError
+from sem_cls.predict import check_output, predict, write_predictions
 from sem_cls.registry import _tracking
 from tests.conftest import ROOT, compose_config
 
@@ -156,3 +157,28 @@ def test_an_unknown_model_uri_is_refused_with_a_message(trained_run):
 
     with pytest.raises(UserError, match="models:/no-such-model@champion could not be loaded"):
         load_model("models:/no-such-model@champion", trained_run[0].logger.mlflow.tracking_uri)
+
+
+def test_an_existing_file_of_the_users_is_not_overwritten(tmp_path):
+    inputs = tmp_path / "images"
+    inputs.mkdir()
+    Image.new("RGB", (64, 48)).save(inputs / "a.jpg")
+    mine = tmp_path / "results.csv"
+    mine.write_text("sample,my own notes\n1,keep me\n")
+    cfg = compose_config(
+        "predict",
+        tmp_path,
+        [f"ckpt_path={tmp_path / 'none.ckpt'}", f"inputs={inputs}", f"output={mine}"],
+    )
+    with pytest.raises(UserError, match=f"output={mine}"):
+        predict(cfg)  # refused before the checkpoint is even looked at
+    assert mine.read_text() == "sample,my own notes\n1,keep me\n"
+
+
+def test_an_earlier_predictions_file_may_be_replaced(tmp_path):
+    earlier = write_predictions(
+        tmp_path / "predictions.csv", [Path("a.jpg")], np.array([[0.9, 0.1]]), [""], ["x", "y"],
+        1, None,
+    )  # fmt: skip
+    check_output(earlier)  # no error: the same command may be run again
+    check_output(tmp_path / "new.csv")

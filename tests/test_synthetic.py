@@ -1,6 +1,7 @@
 """Tests for the built-in SEM-like dataset: layout, determinism, reuse and the info bar."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -9,6 +10,9 @@ from PIL import Image
 
 from sem_cls.data import synthetic
 from sem_cls.data.synthetic import CLASSES, generate_dataset, info_bar_kind, render_image
+from sem_cls.errors import UserError
+from tests.test_entry_points import assert_user_error
+from tests.test_entry_points import run as run_script
 
 SIZE = (256, 192)
 BAR_HEIGHT = round(synthetic.INFO_BAR_HEIGHT_AT_768 * SIZE[1] / 768)
@@ -111,22 +115,94 @@ def test_incomplete_set_is_rebuilt(tmp_path):
     missing.unlink()
     generate_dataset(root, 2, seed=0, size=SIZE, workers=1)
     assert missing.is_file() and len(_images(root)) == 20
-    (root / synthetic.MARKER_NAME).unlink()  # as if a run died before finishing
-    stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/*.jpg")}
-    generate_dataset(root, 2, seed=0, size=SIZE, workers=1)
-    assert (root / synthetic.MARKER_NAME).is_file()
-    assert {p: p.stat().st_mtime_ns for p in root.glob("*/*.jpg")} != stamps
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def _snapshot(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def test_refuses_to_overwrite_foreign_files(tmp_path):
     root = tmp_path / "mine"
     root.mkdir()
     (root / "notes.txt").write_text("keep")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UserError, match=re.escape(str(root))):
         generate_dataset(root, 1, size=SIZE, workers=1)
     assert (root / "notes.txt").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_a_users_folders_with_class_names_are_left_alone(tmp_path):
+    root = tmp_path / "mine"
+    for class_name in CLASSES:
+        (root / class_name).mkdir(parents=True)
+        (root / class_name / "IMG_0001.jpg").write_bytes(
+            b"my own micrograph " + class_name.encode()
+        )
+    before = _snapshot(root)
+    with pytest.raises(UserError, match="Biological.*no marker file"):
+        generate_dataset(root, 1, size=SIZE, workers=1)
+    assert _snapshot(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_a_file_added_to_a_generated_set_stops_regeneration(tmp_path):
+    root = generate_dataset(tmp_path / "set", 1, seed=0, size=SIZE, workers=1)
+    mine = root / "Tips" / "my_tip.jpg"
+    mine.write_bytes(b"a user's own image")
+    before = _snapshot(root)
+    with pytest.raises(UserError, match="Tips/my_tip.jpg"):
+        generate_dataset(root, 2, seed=0, size=SIZE, workers=1)  # new parameters: rebuild
+    assert _snapshot(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_a_set_without_its_marker_is_not_taken_for_generated(tmp_path):
+    root = generate_dataset(tmp_path / "set", 1, seed=0, size=SIZE, workers=1)
+    (root / synthetic.MARKER_NAME).unlink()  # sets only move in complete, marker and all
+    before = _snapshot(root)
+    with pytest.raises(UserError):
+        generate_dataset(root, 1, seed=0, size=SIZE, workers=1)
+    assert _snapshot(root) == before
+
+
+def test_an_empty_folder_is_filled(tmp_path):
+    (tmp_path / "set").mkdir()
+    root = generate_dataset(tmp_path / "set", 1, seed=0, size=SIZE, workers=1)
+    assert len(_images(root)) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_a_folder_named_like_the_staging_area_is_kept(tmp_path):
+    lookalike = tmp_path / f".set.partial-{os.getpid()}"
+    lookalike.mkdir()
+    (lookalike / "keep.txt").write_text("keep")
+    generate_dataset(tmp_path / "set", 1, seed=0, size=SIZE, workers=1)
+    assert (lookalike / "keep.txt").read_text() == "keep"
+
+
+@pytest.mark.slow  # a train.py process: imports alone take 10-50 s on a busy machine
+def test_train_refuses_a_users_folder_with_class_names(tmp_path):
+    """`python train.py experiment=demo data.data_dir=<my images>` must not replace them."""
+    root = tmp_path / "my_images"
+    for class_name in CLASSES:
+        (root / class_name).mkdir(parents=True)
+        (root / class_name / "scan_01.jpg").write_bytes(b"user bytes " + class_name.encode())
+    before = _snapshot(root)
+    result = run_script(
+        "train.py",
+        "experiment=demo",
+        f"data.data_dir={root}",
+        "data.num_workers=0",
+        tmp_path=tmp_path,
+    )
+    assert_user_error(result, str(root), "data.synthetic=null", "data.data_dir")
+    assert _snapshot(root) == before
+    assert {p.relative_to(root).as_posix() for p in root.rglob("*")} == {
+        *CLASSES,
+        *(f"{c}/scan_01.jpg" for c in CLASSES),
+    }
+    assert result.stderr.count("did not write") == 1  # one message, not one per layer
 
 
 def test_info_bar_share_and_kinds():
@@ -200,3 +276,24 @@ def test_cli_writes_and_reports(tmp_path, capsys):
     assert str(root) in out and "10 images" in out
     assert len(_images(root)) == 10
     assert _manifest(root)["params"]["seed"] == 4
+
+
+def test_cli_refuses_a_foreign_root_with_exit_2(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit) as stop:
+        synthetic.main(["--root", str(tmp_path), "--images-per-class", "1", "--workers", "1"])
+    assert stop.value.code == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_marker_cannot_point_the_clean_up_outside_its_folder(tmp_path):
+    root = generate_dataset(tmp_path / "set", 1, seed=0, size=SIZE, workers=1)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    marker = _manifest(root)
+    marker["files"]["Tips"].append({"name": "../../../outside.txt", "info_bar": None})
+    (root / synthetic.MARKER_NAME).write_text(json.dumps(marker))
+    generate_dataset(root, 2, seed=0, size=SIZE, workers=1)  # replaces the old set
+    assert outside.read_text() == "keep"
+    assert len(_images(root)) == 20

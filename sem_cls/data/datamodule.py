@@ -155,7 +155,13 @@ class SEMDataModule(L.LightningDataModule):
         if self.synthetic:
             from sem_cls.data.synthetic import generate_dataset
 
-            generate_dataset(self.data_dir, **self.synthetic)
+            try:
+                generate_dataset(self.data_dir, **self.synthetic)
+            except UserError as err:
+                raise UserError(
+                    f"{err} To train on {self.data_dir} as it is, add data.synthetic=null; "
+                    "to generate the built-in set, give another data.data_dir."
+                ) from None
         self.ingest(self.data_dir)
 
     def ingest(self, folder: Path) -> Ingest:

@@ -319,6 +319,18 @@ def _check_free_space(target_dir: Path, remote: list[RecordFile], archive_dir: P
         )
 
 
+def _stale_partials(target_dir: Path, class_names: list[str]) -> list[Path]:
+    """Unpacking folders a killed run left: only names `extract_class`'s mkdtemp can give,
+    so a hidden folder of the user's that merely ends in the suffix is never touched."""
+    names = "|".join(re.escape(name) for name in class_names)
+    made_here = re.compile(rf"\.(?:{names})\.[a-z0-9_]{{8}}{re.escape(PARTIAL_SUFFIX)}")
+    return [
+        path
+        for path in target_dir.glob(f".*{PARTIAL_SUFFIX}")
+        if made_here.fullmatch(path.name) and path.is_dir() and not path.is_symlink()
+    ]
+
+
 def download_dataset(
     record_id: str,
     files: Sequence[str],
@@ -334,9 +346,9 @@ def download_dataset(
     """Every class tar of `files` from the record unpacked to `target_dir/<Class>/`, by class."""
     target_dir = Path(target_dir)
     target_dir.mkdir(parents=True, exist_ok=True)
-    for stale in target_dir.glob(f".*{PARTIAL_SUFFIX}"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
     class_dirs = {name: target_dir / class_name(name) for name in files}
+    for stale in _stale_partials(target_dir, [d.name for d in class_dirs.values()]):
+        shutil.rmtree(stale, ignore_errors=True)
     missing = [name for name, class_dir in class_dirs.items() if not class_dir.is_dir()]
     for name, class_dir in class_dirs.items():
         if name not in missing:
