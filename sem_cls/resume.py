@@ -90,11 +90,12 @@ class ContinuingMLFlowLogger(MLFlowLogger):
             super().__init__(*args, run_id=run_id, **kwargs)
             self._tracking_uri = uri  # what the run is tracked in, by rank 0
         else:
-            # The store is opened here and the experiment made here, under the store's lock,
-            # not lazily by Lightning, where runs started together would race to create them.
-            with store_lock(uri):
+            # The store is opened and the experiment made here, under the store's lock, not
+            # lazily by Lightning, where runs started together would race to create them. A
+            # tracking server needs no lock and is first reached when the run starts, as before.
+            with store_lock(uri) as locked:
                 super().__init__(*args, run_id=run_id, **kwargs)
-                if run_id is None:
+                if locked and run_id is None:
                     ensure_experiment(
                         self._mlflow_client, self._experiment_name, self._artifact_location
                     )

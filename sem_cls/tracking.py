@@ -43,10 +43,11 @@ def store_lock(tracking_uri: str):
     """Held while a process first opens a tracking store and creates its experiment: processes
     started together would each set up a new SQLite database (MLflow's schema migration then
     fails in all but one: 'Online migration expected to match one row') or create the same
-    experiment twice. The lock is the operating system's, so a killed holder releases it."""
+    experiment twice. The lock is the operating system's, so a killed holder releases it.
+    Yields whether a lock is held (False for a tracking server)."""
     path = store_lock_file(tracking_uri)
     if path is None:
-        yield
+        yield False
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     # One object per file in this process, so holding it again (nested) does not deadlock.
@@ -60,7 +61,7 @@ def store_lock(tracking_uri: str):
             "point logger.mlflow.tracking_uri elsewhere."
         ) from err
     try:
-        yield
+        yield True
     finally:
         lock.release()
 
