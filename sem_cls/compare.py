@@ -115,13 +115,14 @@ def compare(argv: list[str]) -> pd.DataFrame:
     import mlflow
 
     from sem_cls.sweeps import SUMMARY_TAG
+    from sem_cls.tracking import tracking_client
 
     options, overrides = parse(argv)
     cfg = train_config(overrides)
     metric = options["metric"] or cfg.optimized_metric
     uri = cfg.logger.mlflow.tracking_uri
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    client = tracking_client(uri)
     experiment = find_experiment(client, options["experiment"], overrides)
     sweep = options["sweep"]
     runs = mlflow.search_runs(

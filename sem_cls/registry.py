@@ -19,7 +19,7 @@ import torch
 
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
-from sem_cls.tracking import mlflow_loggers
+from sem_cls.tracking import mlflow_loggers, tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ def _tracking(uri: str | None):
     if uri is None:
         yield
         return
+    tracking_client(uri)  # the store opened first under its lock, as every process does
     with _use_tracking_uri(uri):
         yield
 

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sem_cls.errors import UserError
+from sem_cls.tracking import ensure_experiment, store_lock, tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,19 @@ class ContinuingMLFlowLogger(MLFlowLogger):
             # would all set up a new SQLite file at the same moment, and the schema setup of
             # one fails. They get a store of their own in memory instead.
             kwargs["tracking_uri"] = "sqlite:///:memory:"
-        super().__init__(*args, run_id=run_id, **kwargs)
         if stand_in:
+            super().__init__(*args, run_id=run_id, **kwargs)
             self._tracking_uri = uri  # what the run is tracked in, by rank 0
+        else:
+            # The store is opened and the experiment made here, under the store's lock, not
+            # lazily by Lightning, where runs started together would race to create them. A
+            # tracking server needs no lock and is first reached when the run starts, as before.
+            with store_lock(uri) as locked:
+                super().__init__(*args, run_id=run_id, **kwargs)
+                if locked and run_id is None:
+                    ensure_experiment(
+                        self._mlflow_client, self._experiment_name, self._artifact_location
+                    )
         self._recorded: dict[str, set[int]] | None = {} if run_id is None else None
 
     def _recorded_steps(self) -> dict[str, set[int]]:
@@ -122,7 +133,7 @@ def saved_run_dir(reference: str, tracking_uri: str | None, option: str) -> Path
         import mlflow
 
         try:
-            run = mlflow.MlflowClient(tracking_uri).get_run(reference)
+            run = tracking_client(tracking_uri).get_run(reference)
         except mlflow.exceptions.MlflowException:
             run = None
     if run is None or "paths/output_dir" not in run.data.params:

@@ -8,38 +8,16 @@ jobs in other processes or on other machines, and nothing is left open if the sw
 import logging
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from sem_cls.tracking import experiment_for, sweep_id
 
 log = logging.getLogger(__name__)
 
 # Tag of the summary run; the jobs carry `sweep_id` instead, so a search for it finds jobs only.
 SUMMARY_TAG = "sweep_summary_of"
 SUMMARY_FILE = "sweep_summary.csv"
-
-
-def sweep_id(hydra_cfg: DictConfig, log_dir: str) -> str:
-    """`optuna/<study>` for an Optuna search with storage (a resumed study is the same sweep);
-    otherwise the sweep's output folder, relative to the log folder."""
-    study = OmegaConf.select(hydra_cfg, "sweeper.study_name")
-    if study and OmegaConf.select(hydra_cfg, "sweeper.storage"):
-        return f"optuna/{study}"
-    folder, logs = Path(hydra_cfg.sweep.dir).resolve(), Path(log_dir).resolve()
-    return str(folder.relative_to(logs) if folder.is_relative_to(logs) else folder)
-
-
-def sweep_tags(cfg: DictConfig) -> dict[str, str]:
-    """Tags that put a multirun job with the rest of its sweep; none for a single run."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return {}
-    hydra_cfg = HydraConfig.get()
-    return {
-        "sweep_id": sweep_id(hydra_cfg, cfg.paths.log_dir),
-        "sweep_job": str(hydra_cfg.job.num),
-        "sweep_overrides": hydra_cfg.job.override_dirname,
-    }
 
 
 class SweepTracking(Callback):
@@ -52,8 +30,7 @@ class SweepTracking(Callback):
         self.direction = getattr(direction, "name", direction)  # Optuna's enum, or a string
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        # Parallel jobs that find no database or no experiment each create it; SQLite then sees
-        # two schema migrations at once, and all but one job fail. One creation, before any.
+        # Before any job: the jobs would wait on the store's lock in turn (sem_cls.tracking).
         mlflow_cfg = OmegaConf.select(config, "logger.mlflow")
         if mlflow_cfg is not None:
             experiment_for(mlflow_cfg)
@@ -94,21 +71,6 @@ def swept_keys(config: DictConfig) -> list[str]:
     arguments += [f"{key}={value}" for key, value in params.items()]
     overrides = OverridesParser.create().parse_overrides(arguments)
     return list(dict.fromkeys(o.key_or_group for o in overrides if o.is_sweep_override()))
-
-
-def experiment_for(mlflow_cfg: DictConfig):
-    """The MLflow client and experiment id of a logger config, creating the experiment as the
-    logger would, with the same artifact location."""
-    import mlflow
-
-    client = mlflow.MlflowClient(mlflow_cfg.tracking_uri)
-    experiment = client.get_experiment_by_name(mlflow_cfg.experiment_name)
-    if experiment is not None:
-        return client, experiment.experiment_id
-    location = mlflow_cfg.get("artifact_location")
-    if str(mlflow_cfg.tracking_uri).startswith(("http://", "https://")):
-        location = None  # as ContinuingMLFlowLogger: a tracking server keeps the files itself
-    return client, client.create_experiment(mlflow_cfg.experiment_name, artifact_location=location)
 
 
 def summarize_sweep(

@@ -177,3 +177,75 @@ def test_saliency_images_are_spread_over_the_classes():
     from sem_cls.evaluation.saliency import spread_over_classes
 
     assert spread_over_classes([0, 0, 0, 1, 1, 2], 4) == [0, 3, 5, 1]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_validation_report_is_of_the_epoch_whose_checkpoint_is_kept(tmp_path, mode):
+    """A val/loss monitor (mode min) keeps the epoch of the lowest loss; the val report is that
+    epoch's, as with a maximized monitor."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sem_cls.evaluation.callback import EvaluationReports
+
+    losses = [0.9, 0.3, 0.5, 0.4]  # the best epoch: 1 when minimized, 0 when maximized
+    images = 8
+
+    class ScriptedModule(L.LightningModule):
+        """Logs the scripted val/loss; epoch e predicts e + 1 of the images right."""
+
+        class_names = ["a", "b"]
+
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", losses[self.current_epoch])
+
+        def predictions(self):
+            targets = torch.zeros(images, dtype=torch.long)
+            preds = (torch.arange(images) > self.current_epoch).long()
+            return targets, preds
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 1)))
+    checkpoint = ModelCheckpoint(tmp_path / "checkpoints", "epoch_{epoch}", "val/loss", mode=mode)
+    reports = EvaluationReports(str(tmp_path / "reports"), monitor="val/loss")
+    trainer = L.Trainer(
+        max_epochs=len(losses),
+        callbacks=[checkpoint, reports],
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(ScriptedModule(), loader, loader)
+
+    kept_epoch = int(Path(checkpoint.best_model_path).stem.removeprefix("epoch_epoch="))
+    assert kept_epoch == (losses.index(min(losses)) if mode == "min" else 0)
+    report = json.loads((tmp_path / "reports" / "val" / "classification_report.json").read_text())
+    assert report["accuracy"] == (kept_epoch + 1) / images
+
+
+def test_reports_on_a_monitor_no_checkpoint_keeps_are_refused(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sem_cls.errors import UserError
+    from sem_cls.evaluation.callback import EvaluationReports
+
+    trainer = L.Trainer(
+        callbacks=[ModelCheckpoint(monitor="val/acc", mode="max")],
+        logger=False,
+        default_root_dir=tmp_path,
+    )
+    reports = EvaluationReports(str(tmp_path), monitor="val/loss")
+    with pytest.raises(UserError, match="monitor val/loss"):
+        reports.setup(trainer, None, "fit")

@@ -9,6 +9,7 @@ from lightning import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DistributedSampler
 
+from sem_cls.errors import UserError
 from sem_cls.evaluation.reports import write_evaluation, write_reports
 from sem_cls.evaluation.scores import split_scores
 from sem_cls.tracking import log_artifacts
@@ -37,11 +38,11 @@ def in_split_order(trainer, split: str, *arrays):
 class EvaluationReports(Callback):
     """Reports for `val` (at the best epoch) and for every test pass (`test`, `external/<name>`).
 
-    The best epoch is judged as ModelCheckpoint judges it (`monitor`, higher is better), so the
-    validation report belongs to the checkpoint that is kept. Keeping its predictions spares a
-    second pass over the validation set; it has confusion matrices and the classification
-    report. Test passes also get top-3 accuracy, macro and weighted F1, seeded bootstrap
-    intervals for accuracy and macro-F1, calibration, the most confident mistakes and
+    The best epoch is judged as the ModelCheckpoint of the same `monitor` judges it (its `mode`,
+    min or max), so the validation report belongs to the checkpoint that is kept. Keeping its
+    predictions spares a second pass over the validation set; it has confusion matrices and the
+    classification report. Test passes also get top-3 accuracy, macro and weighted F1, seeded
+    bootstrap intervals for accuracy and macro-F1, calibration, the most confident mistakes and
     per-image predictions; their scores are logged as `<split>/<name>` metrics too.
     """
 
@@ -64,14 +65,34 @@ class EvaluationReports(Callback):
             "gallery_size": gallery_size,
             "seed": seed,
         }
+        self.mode = None  # the ModelCheckpoint's, when fitting starts
         self.best_score = None
         self.best_predictions = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != TrainerFn.FITTING:
+            return
+        modes = {c.mode for c in trainer.checkpoint_callbacks if c.monitor == self.monitor}
+        if len(modes) != 1:
+            raise UserError(
+                f"Evaluation reports follow the checkpoint of monitor {self.monitor}, but "
+                f"{'no' if not modes else 'more than one'} ModelCheckpoint with that monitor "
+                f"({'none' if not modes else ' and '.join(sorted(modes))} mode) is configured. "
+                "Set callbacks.evaluation_reports.monitor to the monitor of "
+                "callbacks.model_checkpoint."
+            )
+        (self.mode,) = modes
+
+    def _improves(self, score: float) -> bool:
+        if self.best_score is None:
+            return True
+        return score < self.best_score if self.mode == "min" else score > self.best_score
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         score = trainer.callback_metrics.get(self.monitor)
-        if score is not None and (self.best_score is None or score > self.best_score):
+        if score is not None and self._improves(score.item()):
             self.best_score = score.item()
             self.best_predictions = in_split_order(trainer, "val", *pl_module.predictions())
 
