@@ -18,14 +18,14 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sem_cls.errors import UserError  # noqa: E402
+from sem_cls.errors import UserError, exits_on_user_error  # noqa: E402
 from sem_cls.evaluation.saliency import write_saliency  # noqa: E402
 from sem_cls.registry import (  # noqa: E402
     is_model_uri,
     load_checkpoint,  # noqa: F401 -- where callers of eval.load_checkpoint find it
     load_model,
 )
-from sem_cls.runner import build_trainer, exits_on_user_error, print_summary  # noqa: E402
+from sem_cls.runner import build_trainer, print_summary  # noqa: E402
 from sem_cls.tracking import log_artifacts, mlflow_loggers  # noqa: E402
 
 log = logging.getLogger(__name__)

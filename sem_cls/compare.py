@@ -147,6 +147,6 @@ def compare(argv: list[str]) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    from sem_cls.runner import exits_on_user_error
+    from sem_cls.errors import exits_on_user_error
 
     exits_on_user_error(compare)(sys.argv[1:])

@@ -192,7 +192,7 @@ def main() -> None:
     # Hydra only for the command line: the MLflow model imports this module without it.
     import hydra
 
-    from sem_cls.runner import exits_on_user_error
+    from sem_cls.errors import exits_on_user_error
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
     @exits_on_user_error

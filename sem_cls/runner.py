@@ -1,8 +1,6 @@
-"""Shared by train.py and eval.py: objects from config, user errors, the closing summary."""
+"""Shared by train.py and eval.py: objects from config, the closing summary."""
 
-import functools
 import logging
-import sys
 
 import hydra
 from lightning.pytorch.utilities import rank_zero_only
@@ -58,31 +56,6 @@ def _refuse_rerun_of_a_local_sweep(trainer) -> None:
             "run the trials one by one, or sweep with hydra/launcher=slurm, where SLURM starts "
             "each rank."
         )
-
-
-def _user_error_in(err: BaseException | None) -> UserError | None:
-    """The UserError behind `err`; hydra.utils.instantiate wraps what a constructor raises."""
-    while err is not None and not isinstance(err, UserError):
-        err = err.__cause__
-    return err
-
-
-def exits_on_user_error(task):
-    """A UserError ends the program with its message and exit code 2, not a traceback."""
-
-    @functools.wraps(task)
-    def wrapper(cfg: DictConfig):
-        try:
-            return task(cfg)
-        except Exception as err:
-            user_error = _user_error_in(err)
-            if user_error is None:
-                raise
-            log.debug("User error", exc_info=True)
-            print(f"\nError: {user_error}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
 
 
 @rank_zero_only  # once per run, not once per DDP rank
