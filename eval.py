@@ -25,8 +25,8 @@ from sem_cls.registry import (  # noqa: E402
     load_checkpoint,  # noqa: F401 -- where callers of eval.load_checkpoint find it
     load_model,
 )
-from sem_cls.runner import build_trainer, print_summary  # noqa: E402
-from sem_cls.tracking import log_artifacts, mlflow_loggers  # noqa: E402
+from sem_cls.runner import build_trainer  # noqa: E402
+from sem_cls.tracking import log_artifacts, mlflow_loggers, print_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,11 @@
-"""Shared by train.py and eval.py: objects from config, the closing summary."""
+"""Shared by train.py and eval.py: the Trainer and other objects from config."""
 
 import logging
 
 import hydra
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from sem_cls.errors import UserError
-from sem_cls.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +54,3 @@ def _refuse_rerun_of_a_local_sweep(trainer) -> None:
             "run the trials one by one, or sweep with hydra/launcher=slurm, where SLURM starts "
             "each rank."
         )
-
-
-@rank_zero_only  # once per run, not once per DDP rank
-def print_summary(loggers, metrics: dict, cfg: DictConfig) -> None:
-    """Where the run is, its main figures, and how to look at it in the MLflow UI."""
-    lines = [f"{name} = {float(value):.4f}" for name, value in sorted(metrics.items())]
-    for logger in mlflow_loggers(loggers):
-        uri = logger._tracking_uri
-        ui = "  open the UI with `make ui`, then http://127.0.0.1:5000"
-        if str(uri).startswith(("http://", "https://")):
-            ui = f"  open the UI at {uri}"  # a tracking server is its own UI
-        lines += [
-            f"MLflow run {logger.run_id} in experiment '{logger._experiment_name}'",
-            f"  tracking URI: {uri}",
-            ui,
-        ]
-    lines.append(f"Output folder: {cfg.paths.output_dir}")
-    print("\n" + "\n".join(lines))
