@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sem_cls.errors import UserError
+from sem_cls.tracking import run_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,13 @@ def instantiate_group(group: DictConfig | None) -> list:
 
 
 def build_trainer(cfg: DictConfig):
-    """The Lightning Trainer of `cfg.trainer` with the configured callbacks and loggers."""
+    """The Lightning Trainer of `cfg.trainer` with the configured callbacks and loggers, and
+    what MLflow runs need (the run id in checkpoints, the reports as artifacts)."""
+    loggers = instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
+        callbacks=instantiate_group(cfg.get("callbacks")) + run_callbacks(loggers),
+        logger=loggers or False,
     )
     _refuse_rerun_of_a_local_sweep(trainer)
     return trainer

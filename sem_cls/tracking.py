@@ -10,9 +10,13 @@ from pathlib import Path
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY
 from omegaconf import DictConfig, OmegaConf
+
+from sem_cls.evaluation.callback import EvaluationReports
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +31,53 @@ def log_artifacts(loggers, paths: list[Path], artifact_path: str) -> None:
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
 
 
+class RunIdInCheckpoints(Callback):
+    """Puts the MLflow run id in every checkpoint: eval.py links its results to the training run."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        for logger in mlflow_loggers(trainer.loggers):
+            checkpoint["mlflow_run_id"] = logger.run_id
+
+
+class ReportArtifacts(Callback):
+    """Logs the report files that EvaluationReports writes to the MLflow run, as
+    `reports/<split>/<file>`, when each fit or test is over: the files new or changed since it
+    began (a report folder may hold files of an earlier pass, or ones logged otherwise)."""
+
+    def __init__(self):
+        self.before: dict[Path, tuple[int, int]] = {}
+
+    @staticmethod
+    def _report_files(trainer) -> dict[Path, tuple[Path, tuple[int, int]]]:
+        files = {}
+        for callback in trainer.callbacks:
+            if isinstance(callback, EvaluationReports) and callback.output_dir.is_dir():
+                for path in callback.output_dir.rglob("*"):
+                    if path.is_file():
+                        stat = path.stat()
+                        files[path] = (callback.output_dir, (stat.st_mtime_ns, stat.st_size))
+        return files
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.before = {path: stamp for path, (_, stamp) in self._report_files(trainer).items()}
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if not trainer.is_global_zero:  # the reports are rank 0's
+            return
+        for path, (reports_dir, stamp) in sorted(self._report_files(trainer).items()):
+            if self.before.get(path) != stamp:
+                folder = path.parent.relative_to(reports_dir).as_posix()
+                log_artifacts(trainer.loggers, [path], f"reports/{folder}")
+
+
+def run_callbacks(loggers) -> list[Callback]:
+    """The Trainer callbacks that the MLflow runs of `loggers` need; none without MLflow."""
+    return [RunIdInCheckpoints(), ReportArtifacts()] if mlflow_loggers(loggers) else []
+
+
 def git_state(repo_dir: Path) -> dict[str, str]:
-    """Commit and dirty flag of the code that ran; 'unknown' outside a git checkout."""
+    """Commit and dirty flag of the code that ran, under MLflow's own tag names (the UI shows the
+    commit with the run); 'unknown' outside a git checkout."""
 
     def git(*args):
         return subprocess.run(
@@ -39,8 +88,8 @@ def git_state(repo_dir: Path) -> dict[str, str]:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+        return {MLFLOW_GIT_COMMIT: "unknown", MLFLOW_GIT_DIRTY: "unknown"}
+    return {MLFLOW_GIT_COMMIT: commit, MLFLOW_GIT_DIRTY: str(dirty).lower()}
 
 
 def write_environment(folder: Path) -> Path:
