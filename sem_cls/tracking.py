@@ -31,6 +31,12 @@ def log_artifacts(loggers, paths: list[Path], artifact_path: str) -> None:
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
 
 
+def set_tags(loggers, tags: dict[str, str]) -> None:
+    for logger in mlflow_loggers(loggers):
+        for key, value in tags.items():
+            logger.experiment.set_tag(logger.run_id, key, value)
+
+
 class RunIdInCheckpoints(Callback):
     """Puts the MLflow run id in every checkpoint: eval.py links its results to the training run."""
 
