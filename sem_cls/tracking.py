@@ -13,10 +13,7 @@ from hydra.types import RunMode
 from lightning import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY
 from omegaconf import DictConfig, OmegaConf
-
-from sem_cls.evaluation.callback import EvaluationReports
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +52,8 @@ class ReportArtifacts(Callback):
 
     @staticmethod
     def _report_files(trainer) -> dict[Path, tuple[Path, tuple[int, int]]]:
+        from sem_cls.evaluation.callback import EvaluationReports  # not at the top: compare
+
         files = {}
         for callback in trainer.callbacks:
             if isinstance(callback, EvaluationReports) and callback.output_dir.is_dir():
@@ -84,6 +83,8 @@ def run_callbacks(loggers) -> list[Callback]:
 def git_state(repo_dir: Path) -> dict[str, str]:
     """Commit and dirty flag of the code that ran, under MLflow's own tag names (the UI shows the
     commit with the run); 'unknown' outside a git checkout."""
+
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY
 
     def git(*args):
         return subprocess.run(
