@@ -29,13 +29,15 @@ VARIANT ?= nffa
 download: $(STAMP)  ## fetch the real NFFA-Europe images: VARIANT=nffa (default), nffa_majority, nffa_2017
 	$(PY) -m sem_cls.data.download download=$(VARIANT)
 
-test: $(STAMP)  ## lint, then the test suite
+test: $(STAMP)  ## lint, the import layers, then the test suite
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
-lint: $(STAMP)  ## ruff lint and format check
+lint: $(STAMP)  ## ruff lint and format check, the import layers (pyproject.toml)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)  ## ruff format and autofix
 	$(PY) -m ruff format .

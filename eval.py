@@ -18,15 +18,15 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sem_cls.errors import UserError  # noqa: E402
+from sem_cls.errors import UserError, exits_on_user_error  # noqa: E402
 from sem_cls.evaluation.saliency import write_saliency  # noqa: E402
 from sem_cls.registry import (  # noqa: E402
     is_model_uri,
     load_checkpoint,  # noqa: F401 -- where callers of eval.load_checkpoint find it
     load_model,
 )
-from sem_cls.runner import build_trainer, exits_on_user_error, print_summary  # noqa: E402
-from sem_cls.tracking import log_artifacts, mlflow_loggers  # noqa: E402
+from sem_cls.runner import build_trainer  # noqa: E402
+from sem_cls.tracking import log_artifacts, print_summary, set_tags  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         model.tta, datamodule.cache_features = True, False
     trainer = build_trainer(cfg)
     source = cfg.ckpt_path if is_model_uri(cfg.ckpt_path) else str(Path(cfg.ckpt_path).resolve())
-    for logger in mlflow_loggers(trainer.loggers):
-        tags = {
-            "ckpt_path": source,
-            "data_dir": str(datamodule.data_dir),
-        }
-        if "mlflow_run_id" in checkpoint:
-            tags["evaluated_run_id"] = checkpoint["mlflow_run_id"]
-        for key, value in tags.items():
-            logger.experiment.set_tag(logger.run_id, key, value)
+    tags = {
+        "ckpt_path": source,
+        "data_dir": str(datamodule.data_dir),
+    }
+    if "mlflow_run_id" in checkpoint:
+        tags["evaluated_run_id"] = checkpoint["mlflow_run_id"]
+    set_tags(trainer.loggers, tags)
     # External folders are checked before anything runs, so a wrong one costs no evaluation.
     externals = {
         name: datamodule.external_samples(folder, model.class_names)

@@ -18,10 +18,11 @@ import lightning as L  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from sem_cls.errors import exits_on_user_error  # noqa: E402
 from sem_cls.registry import log_best_model  # noqa: E402
 from sem_cls.resume import RUN_ID_FILE, last_checkpoint, saved_config  # noqa: E402
-from sem_cls.runner import build_trainer, exits_on_user_error, print_summary  # noqa: E402
-from sem_cls.tracking import log_run_context, mlflow_loggers  # noqa: E402
+from sem_cls.runner import build_trainer  # noqa: E402
+from sem_cls.tracking import log_run_context, mlflow_loggers, print_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 

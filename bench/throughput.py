@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
+from sem_cls.data.features import extract_features  # noqa: E402
 from sem_cls.data.synthetic import generate_dataset  # noqa: E402
-from sem_cls.models.feature_cache import extract_features  # noqa: E402
 
 BACKBONES = ["inception_v3", "tf_efficientnet_lite0"]
 

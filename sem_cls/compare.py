@@ -18,50 +18,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from sem_cls.errors import UserError
+from sem_cls.tracking import SUMMARY_TAG, runs_table, tracking_client
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"experiment": None, "metric": None, "top": "10", "sweep": None, "direction": "maximize"}
-
-
-def differing_params(runs: pd.DataFrame) -> list[str]:
-    """The `params.*` columns whose values differ between runs, leaving out the folders each run
-    wrote to (under its own paths/output_dir): they always differ and say nothing of the setting."""
-    out_dirs = runs.get("params.paths/output_dir", pd.Series(index=runs.index, dtype=object))
-    columns = []
-    for column in sorted(c for c in runs.columns if c.startswith("params.")):
-        values = runs[column]
-        if values.nunique(dropna=False) < 2:
-            continue
-        own_folder = [
-            isinstance(out, str) and value.startswith(out)
-            for value, out in zip(values, out_dirs, strict=True)
-            if isinstance(value, str)
-        ]
-        if not all(own_folder):
-            columns.append(column)
-    return columns
-
-
-def runs_table(
-    runs: pd.DataFrame, metric: str, direction: str = "maximize", first: list[str] = ()
-) -> pd.DataFrame:
-    """One row per run of an `mlflow.search_runs` frame, best `metric` first (runs without it
-    last, ties in the frame's order), keeping the frame's index: the metric, the params in
-    `first` and then the others that differ (named as overrides: `model.optimizer.lr`), status,
-    run id and sweep id."""
-    column = f"metrics.{metric}"
-    values = runs[column] if column in runs else pd.Series(float("nan"), index=runs.index)
-    order = values.sort_values(ascending=direction == "minimize", na_position="last", kind="stable")
-    runs = runs.loc[order.index]
-    table = pd.DataFrame({metric: order})
-    chosen = [f"params.{key.replace('.', '/')}" for key in first]
-    for param in dict.fromkeys([*chosen, *differing_params(runs)]):
-        if param in runs:
-            table[param.removeprefix("params.").replace("/", ".")] = runs[param]
-    table["status"] = runs["status"]
-    table["run_id"] = runs["run_id"]
-    table["sweep_id"] = runs.get("tags.sweep_id")
-    return table
 
 
 def train_config(overrides: list[str]) -> DictConfig:
@@ -114,9 +74,6 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
 def compare(argv: list[str]) -> pd.DataFrame:
     import mlflow
 
-    from sem_cls.sweeps import SUMMARY_TAG
-    from sem_cls.tracking import tracking_client
-
     options, overrides = parse(argv)
     cfg = train_config(overrides)
     metric = options["metric"] or cfg.optimized_metric
@@ -148,6 +105,6 @@ def compare(argv: list[str]) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    from sem_cls.runner import exits_on_user_error
+    from sem_cls.errors import exits_on_user_error
 
     exits_on_user_error(compare)(sys.argv[1:])

@@ -17,19 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from sem_cls.data.datamodule import Sample, SEMImageDataset, eval_preprocessing
-from sem_cls.data.images import DEFAULT_MAX_PIXELS, is_image_file
-from sem_cls.data.infobar import InfoBarCrop
-from sem_cls.data.ingest import check_image
-from sem_cls.errors import UserError
+from sem_cls.data.images import is_image_file
+from sem_cls.errors import UserError, exits_on_user_error
 from sem_cls.evaluation.scores import top_k
+from sem_cls.models.inference import UNCERTAIN, classify_files, decide
+from sem_cls.registry import load_model
 
 log = logging.getLogger(__name__)
-
-UNCERTAIN = "uncertain"
 
 
 def image_files(inputs) -> list[Path]:
@@ -47,78 +42,6 @@ def image_files(inputs) -> list[Path]:
     if not files:
         raise UserError(f"inputs={items} holds no image files (.jpg .png .tif .bmp).")
     return files
-
-
-class ImagesToClassify(Dataset):
-    """(image tensor, "") per file, or (zeros, why it is unusable): a bad file gets a row in the
-    output and the others go on. The check and the crop are ingest's and training's own."""
-
-    def __init__(self, files: list[Path], data_config: dict, info_bar, max_pixels: int):
-        self.files = files
-        self.crop = InfoBarCrop(info_bar)
-        self.transform, self.decode_side = eval_preprocessing(data_config)
-        self.max_pixels = max_pixels
-        self.shape = tuple(data_config["input_size"])
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        path = self.files[index]
-        record = check_image(path, self.max_pixels)
-        if record["error"]:
-            return torch.zeros(self.shape), record["error"]
-        size = (record["width"], record["height"])
-        box = self.crop.box(*size, record["bar_top"])
-        sample = Sample(path, -1, box, size, record["sha256"])
-        one = SEMImageDataset([sample], self.transform, self.decode_side, self.max_pixels)
-        return one[0][0], ""
-
-
-def classify_files(
-    model,
-    files: list[Path],
-    info_bar="auto",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    bf16: bool = True,
-    progress: bool = True,
-) -> tuple[np.ndarray, list[str]]:
-    """(N, num_classes) class probabilities of `files`, NaN for a file that could not be read,
-    and each file's error ("" when read)."""
-    dataset = ImagesToClassify(files, model.data_config, info_bar, max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    model.eval()
-    device = next(model.parameters()).device
-    probs, errors = [], []
-    bar = tqdm(total=len(files), desc="Classifying", unit="image", disable=not progress)
-    with torch.inference_mode(), bar:
-        for images, batch_errors in loader:
-            images = images.to(device)
-            # A frozen backbone runs as the feature cache ran it for training and evaluation
-            # (bf16 autocast with data.bf16), so the head sees the features it was fit on.
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and model.frozen):
-                features, _ = model.backbone_features(images)  # (B, 3, H, W) -> (B, num_features)
-            probs.append(model.head(features.float()).float().softmax(dim=1).cpu())
-            errors += batch_errors
-            bar.update(len(images))
-    probs = torch.cat(probs).double().numpy()
-    probs[[bool(error) for error in errors]] = np.nan
-    return probs, errors
-
-
-def decide(probs: np.ndarray, class_names: list[str], min_confidence: float | None) -> list[str]:
-    """The class of each image, `uncertain` below `min_confidence`, "" where unreadable."""
-    decisions = []
-    for row in probs:
-        if np.isnan(row).any():
-            decisions.append("")
-        elif min_confidence is not None and row.max() < min_confidence:
-            decisions.append(UNCERTAIN)
-        else:
-            decisions.append(class_names[int(row.argmax())])
-    return decisions
 
 
 # The first columns of every predictions CSV: how check_output knows one it may replace.
@@ -174,8 +97,6 @@ def check_output(path: Path) -> None:
 
 def predict(cfg) -> Path:
     """Classify every image of `cfg.inputs` with the model of `cfg.ckpt_path`; write cfg.output."""
-    from sem_cls.registry import load_model
-
     if cfg.top_k < 1:
         raise UserError(f"top_k={cfg.top_k}: give the number of classes to list, 1 or more.")
     check_output(Path(cfg.output))  # before the work, so a refusal costs nothing
@@ -210,10 +131,8 @@ def predict(cfg) -> Path:
 
 
 def main() -> None:
-    # Hydra only for the command line: the MLflow model imports this module without it.
+    # Hydra only for the command line.
     import hydra
-
-    from sem_cls.runner import exits_on_user_error
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
     @exits_on_user_error

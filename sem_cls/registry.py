@@ -19,6 +19,7 @@ import torch
 
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
+from sem_cls.models.inference import classify_files, decide
 from sem_cls.tracking import mlflow_loggers, tracking_client
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,6 @@ class PyfuncClassifier:
 
     def predict(self, model_input, params: dict | None = None):
         import pandas as pd
-
-        from sem_cls.predict import classify_files, decide
 
         min_confidence = (params or {}).get("min_confidence")
         with tempfile.TemporaryDirectory() as tmp:

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning import Callback
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sem_cls.errors import UserError
-from sem_cls.tracking import ensure_experiment, store_lock, tracking_client
+from sem_cls.tracking import (
+    ContinuingMLFlowLogger,  # noqa: F401 -- named by saved run configs
+    find_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,58 +67,6 @@ class RandomState(Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class ContinuingMLFlowLogger(MLFlowLogger):
-    """MLFlowLogger that, continuing an existing run (`run_id`), leaves out metric values the
-    run already holds for a step: epochs replayed after a kill are not recorded twice.
-
-    With a tracking server (http:// or https:// URI) `artifact_location` is ignored: the server
-    keeps artifacts where it was told to (`mlflow server --artifacts-destination`), and a local
-    path here would exist on this machine only.
-    """
-
-    def __init__(self, *args, run_id: str | None = None, **kwargs):
-        uri = str(kwargs.get("tracking_uri"))
-        if uri.startswith(("http://", "https://")):
-            kwargs["artifact_location"] = None
-        stand_in = rank_zero_only.rank > 0 and uri.startswith("sqlite:")
-        if stand_in:
-            # DDP ranks > 0 never write to MLflow (Lightning hands them a dummy experiment), but
-            # MLFlowLogger opens its store at once; ranks started together (srun, torchrun)
-            # would all set up a new SQLite file at the same moment, and the schema setup of
-            # one fails. They get a store of their own in memory instead.
-            kwargs["tracking_uri"] = "sqlite:///:memory:"
-        if stand_in:
-            super().__init__(*args, run_id=run_id, **kwargs)
-            self._tracking_uri = uri  # what the run is tracked in, by rank 0
-        else:
-            # The store is opened and the experiment made here, under the store's lock, not
-            # lazily by Lightning, where runs started together would race to create them. A
-            # tracking server needs no lock and is first reached when the run starts, as before.
-            with store_lock(uri) as locked:
-                super().__init__(*args, run_id=run_id, **kwargs)
-                if locked and run_id is None:
-                    ensure_experiment(
-                        self._mlflow_client, self._experiment_name, self._artifact_location
-                    )
-        self._recorded: dict[str, set[int]] | None = {} if run_id is None else None
-
-    def _recorded_steps(self) -> dict[str, set[int]]:
-        if self._recorded is None:
-            run = self.experiment.get_run(self.run_id)
-            self._recorded = {
-                key: {m.step for m in self.experiment.get_metric_history(self.run_id, key)}
-                for key in run.data.metrics
-            }
-        return self._recorded
-
-    @rank_zero_only
-    def log_metrics(self, metrics, step=None) -> None:
-        recorded = self._recorded_steps()
-        fresh = {k: v for k, v in metrics.items() if (step or 0) not in recorded.get(k, ())}
-        if fresh:
-            super().log_metrics(fresh, step)
-
-
 def saved_run_dir(reference: str, tracking_uri: str | None, option: str) -> Path:
     """The output folder of a run, given the folder itself or the run's MLflow id."""
     path = Path(reference)
@@ -128,14 +77,7 @@ def saved_run_dir(reference: str, tracking_uri: str | None, option: str) -> Path
                 "(logs/<task>/runs/<time>) or its MLflow run id."
             )
         return path
-    run = None
-    if tracking_uri:
-        import mlflow
-
-        try:
-            run = tracking_client(tracking_uri).get_run(reference)
-        except mlflow.exceptions.MlflowException:
-            run = None
+    run = find_run(reference, tracking_uri) if tracking_uri else None
     if run is None or "paths/output_dir" not in run.data.params:
         raise UserError(
             f"{option}={reference} is neither a run's output folder nor the id of a training run "

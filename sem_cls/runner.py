@@ -1,15 +1,12 @@
-"""Shared by train.py and eval.py: objects from config, user errors, the closing summary."""
+"""Shared by train.py and eval.py: the Trainer and other objects from config."""
 
-import functools
 import logging
-import sys
 
 import hydra
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from sem_cls.errors import UserError
-from sem_cls.tracking import mlflow_loggers
+from sem_cls.tracking import run_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +23,13 @@ def instantiate_group(group: DictConfig | None) -> list:
 
 
 def build_trainer(cfg: DictConfig):
-    """The Lightning Trainer of `cfg.trainer` with the configured callbacks and loggers."""
+    """The Lightning Trainer of `cfg.trainer` with the configured callbacks and loggers, and
+    what MLflow runs need (the run id in checkpoints, the reports as artifacts)."""
+    loggers = instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
+        callbacks=instantiate_group(cfg.get("callbacks")) + run_callbacks(loggers),
+        logger=loggers or False,
     )
     _refuse_rerun_of_a_local_sweep(trainer)
     return trainer
@@ -58,46 +57,3 @@ def _refuse_rerun_of_a_local_sweep(trainer) -> None:
             "run the trials one by one, or sweep with hydra/launcher=slurm, where SLURM starts "
             "each rank."
         )
-
-
-def _user_error_in(err: BaseException | None) -> UserError | None:
-    """The UserError behind `err`; hydra.utils.instantiate wraps what a constructor raises."""
-    while err is not None and not isinstance(err, UserError):
-        err = err.__cause__
-    return err
-
-
-def exits_on_user_error(task):
-    """A UserError ends the program with its message and exit code 2, not a traceback."""
-
-    @functools.wraps(task)
-    def wrapper(cfg: DictConfig):
-        try:
-            return task(cfg)
-        except Exception as err:
-            user_error = _user_error_in(err)
-            if user_error is None:
-                raise
-            log.debug("User error", exc_info=True)
-            print(f"\nError: {user_error}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
-
-
-@rank_zero_only  # once per run, not once per DDP rank
-def print_summary(loggers, metrics: dict, cfg: DictConfig) -> None:
-    """Where the run is, its main figures, and how to look at it in the MLflow UI."""
-    lines = [f"{name} = {float(value):.4f}" for name, value in sorted(metrics.items())]
-    for logger in mlflow_loggers(loggers):
-        uri = logger._tracking_uri
-        ui = "  open the UI with `make ui`, then http://127.0.0.1:5000"
-        if str(uri).startswith(("http://", "https://")):
-            ui = f"  open the UI at {uri}"  # a tracking server is its own UI
-        lines += [
-            f"MLflow run {logger.run_id} in experiment '{logger._experiment_name}'",
-            f"  tracking URI: {uri}",
-            ui,
-        ]
-    lines.append(f"Output folder: {cfg.paths.output_dir}")
-    print("\n" + "\n".join(lines))

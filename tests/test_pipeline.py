@@ -52,7 +52,9 @@ def test_run_records_config_code_and_split(trained_run):
     assert params["data/data_dir"] == cfg.data.data_dir
     tags = run.data.tags
     assert len(tags["data_split_fingerprint"]) == 64
-    assert tags["git_commit"]
+    # MLflow's own tag names, which its UI shows with the run.
+    assert tags["mlflow.source.git.commit"]
+    assert tags["mlflow.source.git.dirty"] in {"true", "false", "unknown"}
     manifest = client.download_artifacts(run.info.run_id, "data/manifest.csv")
     rows = read_manifest(Path(manifest))
     assert {row["split"] for row in rows} == {"train", "val", "test"}

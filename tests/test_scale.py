@@ -203,7 +203,7 @@ def test_ddp_in_a_local_sweep_is_refused(tiny_sem_dir, tmp_path):
 
 
 def test_http_tracking_leaves_artifact_location_to_the_server(tmp_path):
-    from sem_cls.resume import ContinuingMLFlowLogger
+    from sem_cls.tracking import ContinuingMLFlowLogger
 
     def artifact_location(uri):
         logger = ContinuingMLFlowLogger(tracking_uri=uri, artifact_location=str(tmp_path))
@@ -217,7 +217,7 @@ def test_ranks_above_zero_leave_the_sqlite_store_alone(tmp_path, monkeypatch):
     # Ranks started together (srun, torchrun) must not all set up the same new database.
     from lightning.pytorch.utilities import rank_zero_only
 
-    from sem_cls.resume import ContinuingMLFlowLogger
+    from sem_cls.tracking import ContinuingMLFlowLogger
 
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

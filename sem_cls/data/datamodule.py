@@ -16,7 +16,7 @@ from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, open_image
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import INGEST_VERSION, Ingest, ingest
 from sem_cls.errors import DataNotFoundError, UserError
-from sem_cls.models.feature_cache import FeatureCache
+from sem_cls.data.features import FeatureCache
 
 log = logging.getLogger(__name__)
 

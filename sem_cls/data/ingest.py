@@ -214,7 +214,7 @@ def ingest(
 def main() -> None:
     import hydra
 
-    from sem_cls.runner import exits_on_user_error  # not at the top: it pulls in Lightning
+    from sem_cls.errors import exits_on_user_error
 
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="ingest")
     @exits_on_user_error

@@ -1,4 +1,5 @@
-"""EvaluationReports: write and log reports for the best validation epoch and for each test pass."""
+"""EvaluationReports: write reports for the best validation epoch and for each test pass into the
+run's output folder (sem_cls.tracking logs them to MLflow)."""
 
 import logging
 from pathlib import Path
@@ -12,7 +13,6 @@ from torch.utils.data import DistributedSampler
 from sem_cls.errors import UserError
 from sem_cls.evaluation.reports import write_evaluation, write_reports
 from sem_cls.evaluation.scores import split_scores
-from sem_cls.tracking import log_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,10 @@ class EvaluationReports(Callback):
         if self.best_predictions is not None and trainer.is_global_zero:
             targets, preds = (t.cpu().numpy() for t in self.best_predictions)
             out_dir = self.output_dir / "val"
-            paths = write_reports(
+            write_reports(
                 out_dir, targets, preds, pl_module.class_names, self._title("val", targets, preds)
             )
             log.info("val reports in %s", out_dir)
-            log_artifacts(trainer.loggers, paths, "reports/val")
 
     def on_test_epoch_end(self, trainer, pl_module):
         # Here, not in on_test_end, so the scores can still be logged as metrics of the pass.
@@ -137,7 +136,7 @@ class EvaluationReports(Callback):
         if not trainer.is_global_zero:
             return
         out_dir = self.output_dir / split
-        paths = write_evaluation(
+        write_evaluation(
             out_dir,
             targets,
             probs,
@@ -148,7 +147,6 @@ class EvaluationReports(Callback):
             settings,
         )
         log.info("%s reports in %s", split, out_dir)
-        log_artifacts(trainer.loggers, paths, f"reports/{split}")
 
     @staticmethod
     def _title(split, targets, preds) -> str:

@@ -4,7 +4,6 @@ import timm.data
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
-from lightning.pytorch.loggers import MLFlowLogger
 from timm.data import resolve_model_data_config
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -255,12 +254,6 @@ class SEMClassifier(LightningModule):
         """(N, num_classes) class probabilities of the last validation or test pass, in the
         loader's order."""
         return self.eval_probs.compute()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lets eval.py link its results to the training run.
-        for logger in self.loggers:
-            if isinstance(logger, MLFlowLogger):
-                checkpoint["mlflow_run_id"] = logger.run_id
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
