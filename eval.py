@@ -25,7 +25,12 @@ from sem_cls.registry import (  # noqa: E402
     load_checkpoint,  # noqa: F401 -- where callers of eval.load_checkpoint find it
     load_model,
 )
-from sem_cls.runner import build_trainer, exits_on_user_error, print_summary  # noqa: E402
+from sem_cls.runner import (  # noqa: E402
+    build_trainer,
+    check_command_line,
+    exits_on_user_error,
+    print_summary,
+)
 from sem_cls.tracking import log_artifacts, mlflow_loggers  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,9 @@ def external_folders(folders: list[str]) -> dict[str, Path]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    batch_size = cfg.data.batch_size
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise UserError(f"data.batch_size={batch_size} must be a whole number of 1 or more.")
     L.seed_everything(cfg.seed, workers=True)
     # A .ckpt file, or an MLflow model (models:/<name>@<alias>, runs:/<run id>/model).
     tracking_uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
@@ -114,4 +122,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(Path(__file__).resolve().parent / "conf", "eval")
     main()
