@@ -18,7 +18,7 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sem_cls.errors import UserError, exits_on_user_error  # noqa: E402
+from sem_cls.errors import UserError, check_command_line, exits_on_user_error  # noqa: E402
 from sem_cls.evaluation.saliency import write_saliency  # noqa: E402
 from sem_cls.registry import (  # noqa: E402
     is_model_uri,
@@ -43,6 +43,9 @@ def external_folders(folders: list[str]) -> dict[str, Path]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    batch_size = cfg.data.batch_size
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise UserError(f"data.batch_size={batch_size} must be a whole number of 1 or more.")
     L.seed_everything(cfg.seed, workers=True)
     # A .ckpt file, or an MLflow model (models:/<name>@<alias>, runs:/<run id>/model).
     tracking_uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
@@ -112,4 +115,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(Path(__file__).resolve().parent / "conf", "eval")
     main()

@@ -8,6 +8,7 @@ python train.py reproduce=<run folder or MLflow run id>  # run a saved config ag
 """
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import lightning as L  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sem_cls.errors import exits_on_user_error  # noqa: E402
-from sem_cls.registry import log_best_model  # noqa: E402
+from sem_cls.errors import UserError, check_command_line, exits_on_user_error  # noqa: E402
+from sem_cls.registry import log_best_model, read_checkpoint  # noqa: E402
 from sem_cls.resume import RUN_ID_FILE, last_checkpoint, saved_config  # noqa: E402
 from sem_cls.runner import build_trainer  # noqa: E402
 from sem_cls.tracking import log_run_context, mlflow_loggers, print_summary  # noqa: E402
@@ -27,9 +28,24 @@ from sem_cls.tracking import log_run_context, mlflow_loggers, print_summary  # n
 log = logging.getLogger(__name__)
 
 
+def check_config(cfg: DictConfig, resume_from: Path | None = None) -> None:
+    """Refuse values that would otherwise fail only after ingest, model building or the start
+    of an MLflow run."""
+    lr = OmegaConf.select(cfg, "model.optimizer.lr")
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise UserError(f"model.optimizer.lr={lr} must be a positive number, e.g. 1e-3.")
+    batch_size = cfg.data.batch_size
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise UserError(f"data.batch_size={batch_size} must be a whole number of 1 or more.")
+    checkpoint = resume_from and last_checkpoint(resume_from)
+    if checkpoint:
+        read_checkpoint(checkpoint, option=f"resume={resume_from}: checkpoint")
+
+
 def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     """Fit and test as `cfg` says, continuing the run in `resume_from` if given; return the
     logged metrics."""
+    check_config(cfg, resume_from)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
@@ -71,4 +87,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_command_line(Path(__file__).resolve().parent / "conf", "train")
     main()

@@ -3,6 +3,9 @@
 import functools
 import logging
 import sys
+from pathlib import Path
+
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
 log = logging.getLogger(__name__)
 
@@ -19,26 +22,71 @@ class PretrainedWeightsUnavailable(UserError):
     """Pretrained weights were asked for and cannot be loaded."""
 
 
-def _user_error_in(err: BaseException | None) -> UserError | None:
-    """The UserError behind `err`; hydra.utils.instantiate wraps what a constructor raises."""
-    while err is not None and not isinstance(err, UserError):
+# Hydra's own "the command line names no such key, option or config": user errors too.
+CONFIG_ERRORS = (UserError, ConfigCompositionException, OverrideParseException)
+
+
+def _user_error_in(err: BaseException | None) -> Exception | None:
+    """The user error behind `err`; hydra.utils.instantiate wraps what a constructor raises."""
+    while err is not None and not isinstance(err, CONFIG_ERRORS):
         err = err.__cause__
     return err
 
 
+def _message(error: Exception) -> str:
+    message = str(error)
+    if isinstance(error, MissingConfigException):
+        # Hydra lists its whole config search path after the options; the options suffice.
+        message = message.split("\nConfig search path", 1)[0]
+    if not isinstance(error, UserError) and error.__cause__ is not None:
+        message += "\n" + str(error.__cause__).splitlines()[0]  # e.g. "Key 'x' is not in struct"
+    return message.strip()
+
+
 def exits_on_user_error(task):
-    """A UserError ends the program with its message and exit code 2, not a traceback."""
+    """A user error ends the program with its message and exit code 2, not a traceback."""
 
     @functools.wraps(task)
-    def wrapper(cfg):
+    def wrapper(*args, **kwargs):
         try:
-            return task(cfg)
+            return task(*args, **kwargs)
         except Exception as err:
             user_error = _user_error_in(err)
             if user_error is None:
                 raise
             log.debug("User error", exc_info=True)
-            print(f"\nError: {user_error}", file=sys.stderr)
+            print(f"\nError: {_message(user_error)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper
+
+
+@exits_on_user_error
+def check_command_line(config_dir: Path, config_name: str) -> None:
+    """Compose the config of this command line once before `@hydra.main` does: an override of
+    no such key, an unknown config option or a malformed override then ends with exit code 2
+    and one message (Hydra itself exits 1 with advice about HYDRA_FULL_ERROR). Hydra's own
+    answers (--help, --info, ...) are left to it; in a sweep (-m) the first value of every
+    swept list is checked."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = get_args_parser().parse_args()
+    elsewhere = args.config_path or args.config_name or args.config_dir
+    if args.help or args.hydra_help or args.shell_completion or args.info:
+        return
+    if elsewhere or args.experimental_rerun:
+        return  # another config than `config_name`: Hydra composes and checks it
+    overrides = args.overrides
+    if args.multirun:
+        overrides = []
+        for override in OverridesParser.create().parse_overrides(args.overrides):
+            if not override.is_sweep_override():
+                overrides.append(override.input_line)
+            elif override.is_discrete_sweep():
+                first = next(iter(override.sweep_string_iterator()))
+                overrides.append(f"{override.get_key_element()}={first}")
+            # an interval(...) is the sweeper's to sample: its key is not checked here
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        compose(config_name=config_name, overrides=overrides)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sem_cls.data.images import is_image_file
-from sem_cls.errors import UserError, exits_on_user_error
+from sem_cls.errors import UserError, check_command_line, exits_on_user_error
 from sem_cls.evaluation.scores import top_k
 from sem_cls.models.inference import UNCERTAIN, classify_files, decide
 from sem_cls.registry import load_model
@@ -95,13 +95,31 @@ def check_output(path: Path) -> None:
         )
 
 
+def check_config(cfg) -> None:
+    """Refuse settings that are wrong whatever the model (top_k's upper end needs the model)."""
+    if not (isinstance(cfg.top_k, int) and cfg.top_k >= 1):
+        raise UserError(f"top_k={cfg.top_k}: give the number of classes to list, 1 or more.")
+    threshold = cfg.min_confidence
+    if threshold is not None and not (isinstance(threshold, int | float) and 0 <= threshold <= 1):
+        raise UserError(
+            f"min_confidence={threshold} is not a probability: give a value from 0 to 1 (e.g. "
+            "0.6), or null to mark no image uncertain."
+        )
+    if not (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1):
+        raise UserError(f"batch_size={cfg.batch_size} must be a whole number of 1 or more.")
+
+
 def predict(cfg) -> Path:
     """Classify every image of `cfg.inputs` with the model of `cfg.ckpt_path`; write cfg.output."""
-    if cfg.top_k < 1:
-        raise UserError(f"top_k={cfg.top_k}: give the number of classes to list, 1 or more.")
+    check_config(cfg)
     check_output(Path(cfg.output))  # before the work, so a refusal costs nothing
     files = image_files(cfg.inputs)
     model, _, recorded = load_model(cfg.ckpt_path, cfg.get("tracking_uri"))
+    if cfg.top_k > len(model.class_names):
+        raise UserError(
+            f"top_k={cfg.top_k}, but the model knows {len(model.class_names)} classes: give "
+            f"1 to {len(model.class_names)}."
+        )
     # Unset preprocessing follows what an MLflow model recorded of its training, else defaults.
     info_bar = cfg.info_bar if cfg.info_bar is not None else recorded.get("info_bar", "auto")
     bf16 = cfg.bf16 if cfg.bf16 is not None else recorded.get("bf16", True)
@@ -133,6 +151,8 @@ def predict(cfg) -> Path:
 def main() -> None:
     # Hydra only for the command line.
     import hydra
+
+    check_command_line(Path(__file__).resolve().parents[1] / "conf", "predict")
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
     @exits_on_user_error

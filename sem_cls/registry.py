@@ -40,18 +40,30 @@ def is_model_uri(reference) -> bool:
     return str(reference).startswith(MODEL_URI_SCHEMES)
 
 
-def load_checkpoint(path: Path) -> tuple[SEMClassifier, dict]:
-    """The classifier and the raw checkpoint; loads tensors and plain data only, never code."""
+def read_checkpoint(path: Path, option: str = "ckpt_path") -> dict:
+    """The raw checkpoint of a training run; tensors and plain data only, never code."""
     path = Path(path)
+    if path.is_dir():
+        found = [str(p) for p in sorted(path.rglob("*.ckpt"))[:3]]
+        raise UserError(
+            f"{option}={path} is a folder. Point it at a .ckpt file from training"
+            + (f", e.g. {', '.join(found)}." if found else " (none in this folder).")
+        )
     if not path.is_file():
-        raise UserError(f"ckpt_path={path} does not exist. Point it at a .ckpt file from training.")
+        raise UserError(f"{option}={path} does not exist. Point it at a .ckpt file from training.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         checkpoint["hyper_parameters"]["class_names"]
     except Exception as err:  # noqa: BLE001 -- any failure here means "not our checkpoint"
         raise UserError(
-            f"ckpt_path={path} is not a sem-cls checkpoint ({type(err).__name__}: {err})."
+            f"{option}={path} is not a sem-cls checkpoint ({type(err).__name__}: {err})."
         ) from err
+    return checkpoint
+
+
+def load_checkpoint(path: Path) -> tuple[SEMClassifier, dict]:
+    """The classifier and the raw checkpoint; loads tensors and plain data only, never code."""
+    checkpoint = read_checkpoint(path)
     # The checkpoint holds every weight; fetching ImageNet weights first would be wasted.
     model = SEMClassifier.load_from_checkpoint(
         path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None

@@ -34,6 +34,7 @@ def start_training(data_dir: Path, work: Path, *overrides: str) -> subprocess.Po
             sys.executable,
             str(ROOT / "train.py"),
             *tiny_training_overrides(data_dir),
+            "data.num_workers=2",  # the default: loader workers, started anew by the resume
             # Images through the backbone every epoch: epochs long enough to be killed inside.
             "data.cache_features=false",
             f"trainer.max_epochs={EPOCHS}",
@@ -62,7 +63,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_sem_dir
     killed = tmp_path / "killed"
     process = start_training(tiny_sem_dir, killed)
     last = killed / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while not last.exists():  # the first epoch is done ...
         assert process.poll() is None, "training ended before it could be killed"
         assert time.monotonic() < deadline
@@ -87,6 +88,46 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_sem_dir
         assert history == whole[key], key
     assert len(resumed["val/acc"]) == EPOCHS
     assert run.data.metrics["test/acc"] == whole_run.data.metrics["test/acc"]
+
+
+@pytest.mark.parametrize("sampler", ["none", "balanced"])
+def test_a_resumed_epoch_sees_the_training_order_of_the_uninterrupted_one(
+    sampler, tiny_sem_dir, tmp_path
+):
+    """With loader workers, an uninterrupted run keeps its workers from epoch to epoch, and a
+    resumed one starts them anew; neither may change the order or the global generator."""
+    import hydra
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    overrides = [*tiny_training_overrides(tiny_sem_dir), "data.num_workers=2"]
+    cfg = compose_config("train", tmp_path, [*overrides, f"data.sampler={sampler}"])
+
+    def train_loader():
+        datamodule = hydra.utils.instantiate(cfg.data)
+        datamodule.data_config = {
+            "input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0,
+            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+        }  # fmt: skip
+        datamodule.setup("fit")
+        return datamodule.loader("train", train=True)
+
+    def epoch(loader, number: int) -> list[int]:
+        _set_sampler_epoch(loader, number)  # as Lightning's fit loop does
+        return [label for _, labels in loader for label in labels.tolist()]
+
+    torch.manual_seed(0)
+    loader = train_loader()
+    orders, saved = [], None
+    for number in range(3):
+        if number == 2:  # where last.ckpt of epoch 1 saved the generators
+            saved = torch.get_rng_state()
+        orders.append(epoch(loader, number))
+    after_uninterrupted = torch.get_rng_state()
+    assert orders[1] != orders[2]
+
+    torch.set_rng_state(saved)  # as RandomState restores it
+    assert epoch(train_loader(), 2) == orders[2]
+    assert torch.equal(torch.get_rng_state(), after_uninterrupted)
 
 
 def test_resume_by_mlflow_run_id_and_unknown_references(tiny_sem_dir, tmp_path):

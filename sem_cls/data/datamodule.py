@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import timm.data
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from sem_cls.data import splits as split_lib
 from sem_cls.data.augment import sem_train_transform
@@ -71,6 +71,33 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, index: int):
         return torch.from_numpy(np.array(self.features[index])), self.labels[index]
+
+
+class EpochSeeded:
+    """A sampler whose draw in each epoch comes from its own generator, seeded with (seed,
+    epoch) alone. The global generator is also drawn from by every new loader iterator (its
+    workers' base seed), and a resumed run starts its workers anew where an uninterrupted one
+    keeps them: shuffling from it, the epochs after a resume would see another order. Lightning
+    calls `set_epoch` before every epoch (through its DistributedSampler under DDP)."""
+
+    def __init__(self, *args, seed: int, **kwargs):
+        super().__init__(*args, generator=torch.Generator(), **kwargs)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class EpochShuffle(EpochSeeded, RandomSampler):
+    """Every image once per epoch, in an order drawn from (seed, epoch)."""
+
+
+class EpochBalancedDraw(EpochSeeded, WeightedRandomSampler):
+    """Images drawn with replacement by weight, from (seed, epoch)."""
 
 
 def eval_preprocessing(data_config: dict):
@@ -187,6 +214,13 @@ class SEMDataModule(L.LightningDataModule):
 
     def _load_manifest(self) -> None:
         ingested = self.ingested or self.ingest(self.data_dir)
+        classes = sorted({record["class"] for record in ingested.images})
+        if len(classes) < 2:
+            raise DataNotFoundError(
+                f"data.data_dir={self.data_dir} holds usable images of {len(classes)} class "
+                f"({', '.join(classes) or 'none'}); a classifier needs two or more class folders, "
+                "<Class>/*.jpg. Add the other classes' folders, or point data.data_dir at them."
+            )
         if self.manifest_path:
             rows = self._checked_manifest(split_lib.read_manifest(self.manifest_path), ingested)
         else:
@@ -343,8 +377,12 @@ class SEMDataModule(L.LightningDataModule):
             # Every class drawn equally often: each image weighs 1 / (its class's count).
             counts = self.class_counts("train")
             weights = [1.0 / counts[s.label] for s in samples]
-            sampler = WeightedRandomSampler(weights, num_samples=len(samples), replacement=True)
-        shuffle = train and sampler is None
+            sampler = EpochBalancedDraw(weights, len(samples), replacement=True, seed=self.seed)
+        elif train:
+            sampler = EpochShuffle(samples, seed=self.seed)
+        # The loader's own generator gives its workers their base seed: not drawn from the
+        # global one, whose state the model's randomness (dropout, mixup) continues from on resume.
+        generator = torch.Generator().manual_seed(self.seed)
         # Page-locked batches copy to a GPU asynchronously; on CPU pinning is wasted work.
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         # Augmented images change every epoch: no cached features for them.
@@ -355,15 +393,15 @@ class SEMDataModule(L.LightningDataModule):
             return DataLoader(
                 dataset,
                 batch_size=self.batch_size,
-                shuffle=shuffle,
                 sampler=sampler,
+                generator=generator,
                 pin_memory=on_gpu,
             )
         return DataLoader(
             self.image_dataset(samples, train),
             batch_size=self.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
+            generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=on_gpu,

@@ -396,7 +396,9 @@ def download_from_config(cfg) -> dict[str, Path]:
 def main() -> None:
     import hydra
 
-    from sem_cls.errors import exits_on_user_error
+    from sem_cls.errors import check_command_line, exits_on_user_error
+
+    check_command_line(Path(__file__).resolve().parents[2] / "conf", "download")
 
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="download")
     @exits_on_user_error

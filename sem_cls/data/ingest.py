@@ -214,7 +214,9 @@ def ingest(
 def main() -> None:
     import hydra
 
-    from sem_cls.errors import exits_on_user_error
+    from sem_cls.errors import check_command_line, exits_on_user_error
+
+    check_command_line(Path(__file__).resolve().parents[2] / "conf", "ingest")
 
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="ingest")
     @exits_on_user_error

@@ -1,0 +1,121 @@
+"""Config errors end in one message naming the value, exit code 2, and no MLflow run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sem_cls.errors import UserError
+from tests.conftest import ROOT, compose_config, tiny_training_overrides
+from tests.test_entry_points import assert_user_error, run
+
+TRAIN_CASES = {
+    "lr_negative": (["model.optimizer.lr=-1"], "model.optimizer.lr=-1"),
+    "lr_nan": (["model.optimizer.lr=nan"], "model.optimizer.lr=nan"),
+    "lr_inf": (["model.optimizer.lr=inf"], "model.optimizer.lr=inf"),
+    "batch_size": (["data.batch_size=0"], "data.batch_size=0"),
+    "unknown_key": (["nosuchkey=1"], "nosuchkey"),
+    "unknown_option": (["model=nosuchmodel"], "nosuchmodel"),
+    "malformed": (["model.optimizer.lr=[1"], "model.optimizer.lr=[1"),
+    "sweep_unknown_key": (["-m", "model.optimizer.lr=1e-3,3e-4", "nosuchkey=1"], "nosuchkey"),
+}
+
+
+def no_mlflow_run(tmp_path) -> bool:
+    database = tmp_path / "mlruns" / "mlflow.db"
+    if not database.exists():
+        return True
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{database}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return not client.search_runs(experiments)
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_train_refuses_a_bad_config_before_anything_runs(case, tiny_sem_dir, tmp_path):
+    overrides, named = TRAIN_CASES[case]
+    result = run("train.py", *tiny_training_overrides(tiny_sem_dir), *overrides, tmp_path=tmp_path)
+    assert_user_error(result, named)
+    assert "HYDRA_FULL_ERROR" not in result.stderr
+    assert no_mlflow_run(tmp_path)
+
+
+def test_train_refuses_a_data_folder_of_one_class(tiny_sem_dir, tmp_path):
+    one_class = tmp_path / "one_class"
+    (one_class / "Fibres").mkdir(parents=True)
+    for image in sorted((tiny_sem_dir / "Fibres").iterdir())[:4]:
+        (one_class / "Fibres" / image.name).write_bytes(image.read_bytes())
+    overrides = [*tiny_training_overrides(tiny_sem_dir), f"data.data_dir={one_class}"]
+    result = run("train.py", *overrides, tmp_path=tmp_path)
+    assert_user_error(result, str(one_class), "two or more class folders")
+    assert no_mlflow_run(tmp_path)
+
+
+def test_resume_refuses_a_last_checkpoint_carrying_code(tiny_sem_dir, tmp_path):
+    from tests.test_reliability import PlantedCode
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    marker = tmp_path / "code_ran"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    torch.save({"hyper_parameters": {"class_names": ["a"]}, "x": PlantedCode(marker)}, last)
+    # The saved config is a whole training config, as a run leaves it.
+    cfg = compose_config("train", tmp_path, tiny_training_overrides(tiny_sem_dir))
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    result = run("train.py", f"resume={run_dir}", tmp_path=tmp_path)
+    assert_user_error(result, str(last), "is not a sem-cls checkpoint")
+    assert not marker.exists()
+    assert no_mlflow_run(tmp_path)
+
+
+def run_module(module: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
+    """`python -m <module>` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", module, f"paths.log_dir={tmp_path / 'logs'}", *overrides],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+
+
+def test_eval_and_predict_refuse_a_folder_as_checkpoint(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    result = run("eval.py", f"ckpt_path={folder}", tmp_path=tmp_path)
+    assert_user_error(result, f"ckpt_path={folder} is a folder")
+    assert no_mlflow_run(tmp_path)
+    result = run_module(
+        "sem_cls.predict", f"ckpt_path={folder}", f"inputs={folder}", tmp_path=tmp_path
+    )
+    assert_user_error(result, f"ckpt_path={folder} is a folder")
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("min_confidence=1.5", "min_confidence=1.5"), ("min_confidence=-0.1", "min_confidence=-0.1"),
+     ("top_k=0", "top_k=0"), ("batch_size=0", "batch_size=0"), ("nosuchkey=1", "nosuchkey")],
+)  # fmt: skip
+def test_predict_refuses_bad_settings_before_loading_the_model(override, named, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    result = run_module(
+        "sem_cls.predict", f"ckpt_path={tmp_path / 'no.ckpt'}", f"inputs={image}", override,
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert_user_error(result, named)
+
+
+def test_predict_refuses_top_k_above_the_number_of_classes(trained_run, tiny_sem_dir, tmp_path):
+    from tests.test_predict import best_checkpoint, run_predict
+
+    with pytest.raises(UserError, match=r"top_k=11, but the model knows 10 classes"):
+        run_predict(
+            trained_run, tmp_path, best_checkpoint(trained_run[0]), tiny_sem_dir, "top_k=11"
+        )
