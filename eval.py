@@ -18,6 +18,9 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
+from sem_cls.data.ingest import ingest_folder  # noqa: E402
+from sem_cls.data.manifest import SplitManifest, labelled_samples  # noqa: E402
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error  # noqa: E402
 from sem_cls.evaluation.saliency import write_saliency  # noqa: E402
 from sem_cls.registry import (  # noqa: E402
@@ -49,38 +52,40 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     # A .ckpt file, or an MLflow model (models:/<name>@<alias>, runs:/<run id>/model).
     tracking_uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
-    model, checkpoint, _ = load_model(cfg.ckpt_path, tracking_uri)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    if datamodule.class_names != model.class_names:
+    model, checkpoint, _ = load_model(cfg.ckpt_path, tracking_uri, tta=bool(cfg.get("tta")))
+    ingested = ingest_folder(cfg.data)
+    manifest = SplitManifest.from_config(cfg.data, ingested)
+    if manifest.class_names != model.class_names:
         raise UserError(
-            f"The checkpoint knows classes {model.class_names}, but {datamodule.data_dir} holds "
-            f"{datamodule.class_names}. Evaluate on data with the same class folders."
+            f"The checkpoint knows classes {model.class_names}, but {manifest.root} holds "
+            f"{manifest.class_names}. Evaluate on data with the same class folders."
         )
-    trained_split = checkpoint.get(type(datamodule).__qualname__, {}).get("split_fingerprint")
-    if trained_split and trained_split != datamodule.split_fingerprint():
+    trained_split = checkpoint.get(SEMDataModule.__qualname__, {}).get("split_fingerprint")
+    if trained_split and trained_split != manifest.fingerprint():
         log.warning(
             "This split differs from the one the checkpoint was trained with (other data or "
             "seed): test images may have been seen in training."
         )
+    # External folders are checked before anything runs, so a wrong one costs no evaluation.
+    externals = {
+        f"external/{name}": labelled_samples(
+            ingest_folder(cfg.data, folder), model.class_names, cfg.data.info_bar
+        )
+        for name, folder in external_folders(cfg.get("external") or []).items()
+    }
+    for name, samples in externals.items():
+        seen = {row["sha256"] for row in manifest.rows} & {s.sha256 for s in samples}
+        if seen:
+            log.warning("%d images of %s are also in %s.", len(seen), name, manifest.root)
+    # One test pass per named set: "test", then "external/<name>" for each folder.
+    datamodule = SEMDataModule.from_config(manifest, cfg.data, test_sets=externals)
     datamodule.attach_model(model)
-    if cfg.get("tta"):
-        # Test-time augmentation needs the images themselves, not their cached features.
-        model.tta, datamodule.cache_features = True, False
     trainer = build_trainer(cfg)
     source = cfg.ckpt_path if is_model_uri(cfg.ckpt_path) else str(Path(cfg.ckpt_path).resolve())
-    tags = {
-        "ckpt_path": source,
-        "data_dir": str(datamodule.data_dir),
-    }
+    tags = {"ckpt_path": source, "data_dir": str(manifest.root)}
     if "mlflow_run_id" in checkpoint:
         tags["evaluated_run_id"] = checkpoint["mlflow_run_id"]
     set_tags(trainer.loggers, tags)
-    # External folders are checked before anything runs, so a wrong one costs no evaluation.
-    externals = {
-        name: datamodule.external_samples(folder, model.class_names)
-        for name, folder in external_folders(cfg.get("external") or []).items()
-    }
     trainer.test(model, datamodule=datamodule)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if OmegaConf.select(cfg, "saliency.images") and trainer.is_global_zero:  # once, not per rank
@@ -93,17 +98,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"test: {cfg.ckpt_path}",
         )
         log_artifacts(trainer.loggers, [saliency], "reports/test")
-    for name, samples in externals.items():
-        seen = {row["sha256"] for row in datamodule.manifest} & {s.sha256 for s in samples}
-        if seen:
-            log.warning(
-                "%d images of external/%s are also in %s.", len(seen), name, datamodule.data_dir
-            )
-        model.test_split = f"external/{name}"
-        # Kept with the splits' samples: the reports name each image by its path.
-        datamodule.samples[model.test_split] = samples
-        trainer.test(model, dataloaders=datamodule.loader(model.test_split))
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     print_summary(trainer.loggers, metrics, cfg)
     return metrics
 

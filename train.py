@@ -19,6 +19,9 @@ import lightning as L  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
+from sem_cls.data.ingest import ingest_folder  # noqa: E402
+from sem_cls.data.manifest import SplitManifest  # noqa: E402
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error  # noqa: E402
 from sem_cls.registry import log_best_model, read_checkpoint  # noqa: E402
 from sem_cls.resume import RUN_ID_FILE, last_checkpoint, saved_config  # noqa: E402
@@ -47,15 +50,17 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     logged metrics."""
     check_config(cfg, resume_from)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    model = hydra.utils.instantiate(cfg.model, class_names=datamodule.class_names, _convert_="all")
+    ingested = ingest_folder(cfg.data)  # every file checked once (cached); bad ones left out
+    manifest = SplitManifest.from_config(cfg.data, ingested)  # data.manifest, or a new split
+    datamodule = SEMDataModule.from_config(manifest, cfg.data)
+    model = hydra.utils.instantiate(cfg.model, class_names=manifest.class_names, _convert_="all")
     datamodule.attach_model(model)
     trainer = build_trainer(cfg)
     output_dir = Path(cfg.paths.output_dir)
     # Under DDP every rank runs this script; the run's files and MLflow records are rank 0's.
     if trainer.is_global_zero:
-        log_run_context(trainer.loggers, cfg, datamodule, output_dir / ".hydra", resume_from)
+        hydra_dir = output_dir / ".hydra"
+        log_run_context(trainer.loggers, cfg, manifest, ingested, hydra_dir, resume_from)
         for logger in mlflow_loggers(trainer.loggers):  # what resume= continues
             (output_dir / RUN_ID_FILE).write_text(logger.run_id)
 
@@ -73,7 +78,8 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
 
     if OmegaConf.select(cfg, "logger.mlflow.log_model", default=False):
-        log_best_model(trainer, datamodule, cfg.get("registry"))  # runs:/<id>/model, models:/...
+        # runs:/<id>/model, and models:/<name>@<alias> with registry.name
+        log_best_model(trainer, datamodule, cfg.data.info_bar, cfg.get("registry"))
     print_summary(trainer.loggers, {k: v for k, v in metrics.items() if "/" in k}, cfg)
     return metrics
 

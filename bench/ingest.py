@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
 from sem_cls.data.ingest import ingest  # noqa: E402
+from sem_cls.data.manifest import SplitManifest  # noqa: E402
 from sem_cls.data.synthetic import CLASSES, generate_dataset  # noqa: E402
 
 
@@ -44,12 +44,18 @@ def main() -> None:
     checks = cache_dir / "ingest"  # where the data module keeps them
     result, cold_s = timed(lambda: ingest(data_dir, checks, workers=args.workers))
     _, warm_s = timed(lambda: ingest(data_dir, checks, workers=args.workers, progress=False))
-    datamodule = SEMDataModule(str(data_dir), cache_dir=str(cache_dir), num_workers=args.workers)
-    _, split_s = timed(lambda: datamodule.split_fingerprint())
+
+    def split():
+        ingested = ingest(data_dir, checks, workers=args.workers, progress=False)
+        manifest = SplitManifest.build(ingested)
+        manifest.fingerprint()
+        return manifest
+
+    manifest, split_s = timed(split)
     count = len(result.images)
     print(f"cold ingest: {cold_s:.1f} s, {count / cold_s:.0f} images/s ({args.workers} workers)")
     print(f"warm ingest (cached checks): {warm_s:.2f} s")
-    groups = len({row["group"] for row in datamodule.manifest})
+    groups = len({row["group"] for row in manifest.rows})
     print(f"warm ingest + duplicate groups + split + fingerprint: {split_s:.2f} s")
     print(f"{groups:,} duplicate groups among {count:,} images")
 

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
 from sem_cls.data.features import extract_features  # noqa: E402
+from sem_cls.data.ingest import ingest  # noqa: E402
+from sem_cls.data.manifest import SplitManifest  # noqa: E402
 from sem_cls.data.synthetic import generate_dataset  # noqa: E402
 
 BACKBONES = ["inception_v3", "tf_efficientnet_lite0"]
@@ -67,7 +69,8 @@ def main() -> None:
         backbone = timm.create_model(name, pretrained=False, num_classes=0).eval()
         backbone = backbone.to(memory_format=torch.channels_last)
         timm.utils.freeze(backbone)
-        datamodule = SEMDataModule(str(data_dir), split=(0.8, 0.1, 0.1))
+        manifest = SplitManifest.build(ingest(data_dir), ratios=(0.8, 0.1, 0.1))
+        datamodule = SEMDataModule(manifest)
         datamodule.data_config = timm.data.resolve_model_data_config(backbone)
         datamodule.setup()
         input_size = datamodule.data_config["input_size"]

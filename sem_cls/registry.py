@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
 from sem_cls.models.inference import classify_files, decide
@@ -61,22 +62,25 @@ def read_checkpoint(path: Path, option: str = "ckpt_path") -> dict:
     return checkpoint
 
 
-def load_checkpoint(path: Path) -> tuple[SEMClassifier, dict]:
-    """The classifier and the raw checkpoint; loads tensors and plain data only, never code."""
+def load_checkpoint(path: Path, tta: bool = False) -> tuple[SEMClassifier, dict]:
+    """The classifier and the raw checkpoint; loads tensors and plain data only, never code.
+    With `tta`, its evaluation passes average over flips and turns (SEMClassifier.tta_logits)."""
     checkpoint = read_checkpoint(path)
     # The checkpoint holds every weight; fetching ImageNet weights first would be wasted.
     model = SEMClassifier.load_from_checkpoint(
-        path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None
+        path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None, tta=tta
     )
     return model, checkpoint
 
 
-def load_model(reference, tracking_uri: str | None = None) -> tuple[SEMClassifier, dict, dict]:
+def load_model(
+    reference, tracking_uri: str | None = None, tta: bool = False
+) -> tuple[SEMClassifier, dict, dict]:
     """Classifier, raw checkpoint and the preprocessing settings recorded with it ({} for a
     plain file), from a .ckpt path or an MLflow model URI (models:/<name>@<alias>,
-    models:/<name>/<version>, runs:/<run id>/model)."""
+    models:/<name>/<version>, runs:/<run id>/model); `tta` as in load_checkpoint."""
     if not is_model_uri(reference):
-        return *load_checkpoint(Path(reference)), {}
+        return *load_checkpoint(Path(reference), tta), {}
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):
@@ -94,7 +98,7 @@ def load_model(reference, tracking_uri: str | None = None) -> tuple[SEMClassifie
                 f"ckpt_path={reference} is an MLflow model, but not one logged by sem-cls "
                 f"training (no data/{DATA_DIR}/{CHECKPOINT_FILE} in it)."
             )
-        model, checkpoint = load_checkpoint(data / CHECKPOINT_FILE)
+        model, checkpoint = load_checkpoint(data / CHECKPOINT_FILE, tta)
         settings = json.loads((data / SETTINGS_FILE).read_text())
     return model, checkpoint, settings
 
@@ -194,8 +198,9 @@ def _tracking(uri: str | None):
         yield
 
 
-def log_best_model(trainer, datamodule, registry=None) -> list[str]:
-    """Log the best checkpoint as MLflow model `model` of each MLflow run of `trainer`; with
+def log_best_model(trainer, datamodule, info_bar, registry=None) -> list[str]:
+    """Log the best checkpoint as MLflow model `model` of each MLflow run of `trainer`, with
+    the preprocessing it was trained with (`info_bar` mode, the datamodule's settings); with
     `registry.name`, register it as a new version and point `registry.alias` at it. Returns the
     URIs to load it by."""
     import mlflow
@@ -211,7 +216,7 @@ def log_best_model(trainer, datamodule, registry=None) -> list[str]:
         "class_names": list(model.class_names),
         "backbone": model.hparams.backbone,
         # Preprocessing as training and evaluation had it; features were bf16 where cached.
-        "info_bar": datamodule.info_bar.mode,
+        "info_bar": InfoBarCrop(info_bar).mode,
         "max_pixels": datamodule.max_pixels,
         "bf16": bool(datamodule.bf16 and datamodule.cache_features and model.frozen),
         "checkpoint": Path(best).name,

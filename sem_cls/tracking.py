@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from sem_cls.data.ingest import write_data_files
 from sem_cls.errors import UserError
 
 STORE_LOCK_TIMEOUT_S = 300  # creating a store takes seconds; a longer wait is a hung process
@@ -217,16 +218,21 @@ def write_environment(folder: Path) -> Path:
 
 
 def log_run_context(
-    loggers, cfg: DictConfig, datamodule, hydra_dir: Path, resumed_from: Path | None = None
+    loggers,
+    cfg: DictConfig,
+    manifest,
+    ingested,
+    hydra_dir: Path,
+    resumed_from: Path | None = None,
 ) -> None:
     """Config as params; git, package versions and split fingerprint as tags; .hydra/, manifest,
     ingest report and installed packages as files (also kept in the run's output folder)."""
-    data_files = datamodule.write_data_files(Path(cfg.paths.output_dir) / "data")
+    data_files = write_data_files(Path(cfg.paths.output_dir) / "data", manifest, ingested)
     environment = write_environment(Path(cfg.paths.output_dir) / "environment")
     tags = {
         **git_state(Path(cfg.paths.root_dir)),
-        "data_dir": str(datamodule.data_dir),
-        "data_split_fingerprint": datamodule.split_fingerprint(),
+        "data_dir": str(manifest.root),
+        "data_split_fingerprint": manifest.fingerprint(),
         **{f"{name}_version": metadata.version(name) for name in ("torch", "lightning", "timm")},
         **sweep_tags(cfg),  # sweep_id, sweep_job, sweep_overrides in a multirun
     }

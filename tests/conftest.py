@@ -44,6 +44,18 @@ def tiny_sem_dir(tmp_path_factory) -> Path:
     return root
 
 
+def split_manifest(data_dir: Path, manifest: Path | None = None, **settings):
+    """The SplitManifest of `data_dir` (ingested in this process), built with `settings` as
+    SplitManifest.build takes them, or read from `manifest`."""
+    from sem_cls.data.ingest import ingest
+    from sem_cls.data.manifest import SplitManifest
+
+    ingested = ingest(data_dir, workers=1, progress=False)
+    if manifest is not None:
+        return SplitManifest.read(manifest, ingested)
+    return SplitManifest.build(ingested, **settings)
+
+
 def compose_config(name: str, work_dir: Path, overrides: list[str] = ()):
     """The config train.py or eval.py would see, with every output under `work_dir`."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

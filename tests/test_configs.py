@@ -7,6 +7,8 @@ import pytest
 import torch
 from lightning import Trainer
 
+from sem_cls.data.datamodule import SEMDataModule
+from sem_cls.data.manifest import SplitManifest
 from sem_cls.runner import instantiate_group
 from tests.conftest import ROOT, compose_config
 
@@ -33,7 +35,7 @@ def options(group: str) -> list[str]:
 def test_train_config_composes_and_instantiates(overrides, tmp_path, shared_mlruns):
     # One MLflow database for all: creating its tables costs seconds.
     cfg = compose_config("train", tmp_path, [*overrides, f"paths.mlruns_dir={shared_mlruns}"])
-    hydra.utils.instantiate(cfg.data)
+    SEMDataModule.from_config(SplitManifest(Path(cfg.data.data_dir), []), cfg.data)
     instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
@@ -66,7 +68,7 @@ def test_default_is_frozen_pretrained_inception_on_nffa(tmp_path):
 def test_eval_config_composes(tmp_path):
     cfg = compose_config("eval", tmp_path, ["ckpt_path=some.ckpt", "data=synthetic"])
     assert cfg.ckpt_path == "some.ckpt"
-    hydra.utils.instantiate(cfg.data)
+    SEMDataModule.from_config(SplitManifest(Path(cfg.data.data_dir), []), cfg.data)
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.splits import group_split
 from sem_cls.data.synthetic import CLASSES, render_image
 from sem_cls.errors import DataNotFoundError, UserError
+from tests.conftest import split_manifest
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "sem-real"
 
@@ -38,23 +38,24 @@ def test_class_too_small_to_split_is_a_clear_error_naming_it(tmp_path):
             image = render_image(name, np.random.default_rng(index), info_bar=None)
             image.resize((128, 96)).save(tmp_path / name / f"{index}.jpg")
     with pytest.raises(UserError, match="Class 'Fibres' has too few images to split"):
-        SEMDataModule(str(tmp_path), num_workers=0).class_names  # noqa: B018
+        split_manifest(tmp_path)
 
 
-def test_datamodule_reads_the_folder_layout(tiny_sem_dir):
-    datamodule = SEMDataModule(str(tiny_sem_dir), seed=3)
-    assert datamodule.class_names == sorted(CLASSES)
-    total = sum(len(items) for items in datamodule.samples.values())
-    assert total == len(list(tiny_sem_dir.glob("*/*.jpg")))
-    again = SEMDataModule(str(tiny_sem_dir), seed=3)
-    assert again.split_fingerprint() == datamodule.split_fingerprint()
-    assert SEMDataModule(str(tiny_sem_dir), seed=4).split_fingerprint() != again.split_fingerprint()
+def test_manifest_reads_the_folder_layout(tiny_sem_dir):
+    manifest = split_manifest(tiny_sem_dir, seed=3)
+    assert manifest.class_names == sorted(CLASSES)
+    samples = [s for split in ("train", "val", "test") for s in manifest.samples(split)]
+    assert sorted(s.path for s in samples) == sorted(tiny_sem_dir.glob("*/*.jpg"))
+    assert all(manifest.class_names[s.label] == s.path.parent.name for s in samples)
+    again = split_manifest(tiny_sem_dir, seed=3)
+    assert again.fingerprint() == manifest.fingerprint()
+    assert split_manifest(tiny_sem_dir, seed=4).fingerprint() != again.fingerprint()
 
 
 def test_empty_data_folder_is_a_clear_error(tmp_path):
     (tmp_path / "Particles").mkdir()
     with pytest.raises(DataNotFoundError, match="holds no <Class>/ folders with usable images"):
-        SEMDataModule(str(tmp_path)).class_names  # noqa: B018
+        split_manifest(tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["bright", "dark"])

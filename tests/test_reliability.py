@@ -96,14 +96,18 @@ def test_a_resumed_epoch_sees_the_training_order_of_the_uninterrupted_one(
 ):
     """With loader workers, an uninterrupted run keeps its workers from epoch to epoch, and a
     resumed one starts them anew; neither may change the order or the global generator."""
-    import hydra
     from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    from sem_cls.data.datamodule import SEMDataModule
+    from sem_cls.data.ingest import ingest_folder
+    from sem_cls.data.manifest import SplitManifest
 
     overrides = [*tiny_training_overrides(tiny_sem_dir), "data.num_workers=2"]
     cfg = compose_config("train", tmp_path, [*overrides, f"data.sampler={sampler}"])
 
     def train_loader():
-        datamodule = hydra.utils.instantiate(cfg.data)
+        manifest = SplitManifest.from_config(cfg.data, ingest_folder(cfg.data))
+        datamodule = SEMDataModule.from_config(manifest, cfg.data)
         datamodule.data_config = {
             "input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0,
             "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
@@ -113,7 +117,7 @@ def test_a_resumed_epoch_sees_the_training_order_of_the_uninterrupted_one(
 
     def epoch(loader, number: int) -> list[int]:
         _set_sampler_epoch(loader, number)  # as Lightning's fit loop does
-        return [label for _, labels in loader for label in labels.tolist()]
+        return [label for batch in loader for label in batch["label"].tolist()]
 
     torch.manual_seed(0)
     loader = train_loader()

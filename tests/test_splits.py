@@ -11,8 +11,10 @@ from PIL import Image, ImageEnhance
 
 from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.ingest import check_image
-from sem_cls.data.splits import NEAR_DUPLICATE_BITS, duplicate_groups, fingerprint, read_manifest
+from sem_cls.data.manifest import fingerprint, read_manifest
+from sem_cls.data.splits import NEAR_DUPLICATE_BITS, duplicate_groups
 from sem_cls.errors import UserError
+from tests.conftest import split_manifest
 
 
 def near_copies(image: Image.Image) -> dict[str, Image.Image]:
@@ -82,8 +84,7 @@ def test_groups_join_exact_and_near_duplicates_transitively():
 
 def test_planted_duplicates_land_in_one_split(planted_dir):
     for seed in range(3):
-        datamodule = SEMDataModule(str(planted_dir), seed=seed, num_workers=0)
-        rows = {row["path"]: row for row in datamodule.split_manifest()}
+        rows = {row["path"]: row for row in split_manifest(planted_dir, seed=seed).rows}
         for class_dir in sorted(p for p in planted_dir.iterdir() if p.is_dir()):
             original = sorted(class_dir.glob("*.jpg"))[0].relative_to(planted_dir).as_posix()
             family = [original] + [
@@ -98,36 +99,34 @@ def test_planted_duplicates_land_in_one_split(planted_dir):
 
 
 def test_same_seed_same_manifest_other_seed_other_split(planted_dir):
-    first = SEMDataModule(str(planted_dir), seed=7, num_workers=0)
-    second = SEMDataModule(str(planted_dir), seed=7, num_workers=0)
-    other = SEMDataModule(str(planted_dir), seed=8, num_workers=0)
-    assert first.split_manifest() == second.split_manifest()
-    assert first.split_fingerprint() == second.split_fingerprint()
-    assert other.split_fingerprint() != first.split_fingerprint()
-    assert [r["split"] for r in other.split_manifest()] != [r["split"] for r in first.manifest]
+    first = split_manifest(planted_dir, seed=7)
+    second = split_manifest(planted_dir, seed=7)
+    other = split_manifest(planted_dir, seed=8)
+    assert first.rows == second.rows
+    assert first.fingerprint() == second.fingerprint()
+    assert other.fingerprint() != first.fingerprint()
+    assert [r["split"] for r in other.rows] != [r["split"] for r in first.rows]
 
 
 def test_a_saved_manifest_reproduces_the_split_and_detects_changed_images(planted_dir, tmp_path):
-    original = SEMDataModule(str(planted_dir), seed=5, num_workers=0)
-    saved = original.write_data_files(tmp_path / "run") / "manifest.csv"
-    assert fingerprint(read_manifest(saved)) == original.split_fingerprint()
-    reused = SEMDataModule(str(planted_dir), seed=99, num_workers=0, manifest=str(saved))
-    assert reused.split_fingerprint() == original.split_fingerprint()
+    original = split_manifest(planted_dir, seed=5)
+    saved = original.write(tmp_path / "run" / "manifest.csv")
+    assert fingerprint(read_manifest(saved)) == original.fingerprint()
+    reused = split_manifest(planted_dir, manifest=saved)
+    assert reused.fingerprint() == original.fingerprint()
+    assert reused.samples("test") == original.samples("test")
 
     edited = tmp_path / "edited"
     shutil.copytree(planted_dir, edited)
     victim = sorted((edited / "Tips").glob("*.jpg"))[2]
     Image.open(victim).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(victim)
     with pytest.raises(UserError, match=r"1 images of data.manifest=.* changed .* Tips/"):
-        SEMDataModule(str(edited), num_workers=0, manifest=str(saved)).class_names  # noqa: B018
+        split_manifest(edited, manifest=saved)
 
 
 def test_k_folds_rotate_validation_over_train_and_keep_test_fixed(planted_dir):
-    folds = [
-        SEMDataModule(str(planted_dir), num_workers=0, folds=3, fold=k, split=(0.6, 0.2, 0.2))
-        for k in range(3)
-    ]
-    manifests = [{r["path"]: r for r in dm.split_manifest()} for dm in folds]
+    folds = [split_manifest(planted_dir, folds=3, fold=k, ratios=(0.6, 0.2, 0.2)) for k in range(3)]
+    manifests = [{r["path"]: r for r in manifest.rows} for manifest in folds]
     paths = sorted(manifests[0])
     test = [{p for p in paths if m[p]["split"] == "test"} for m in manifests]
     val = [{p for p in paths if m[p]["split"] == "val"} for m in manifests]
@@ -139,7 +138,7 @@ def test_k_folds_rotate_validation_over_train_and_keep_test_fixed(planted_dir):
         for row in manifest.values():
             assert split_of_group.setdefault(row["group"], row["split"]) == row["split"]
     with pytest.raises(UserError, match=r"data.fold=3 must be an integer in 0..2"):
-        SEMDataModule(str(planted_dir), num_workers=0, folds=3, fold=3).class_names  # noqa: B018
+        split_manifest(planted_dir, folds=3, fold=3)
 
 
 def test_balanced_sampler_draws_rare_classes_as_often_as_common_ones(tiny_sem_dir, tmp_path):
@@ -149,7 +148,9 @@ def test_balanced_sampler_draws_rare_classes_as_often_as_common_ones(tiny_sem_di
         for copy in range(2):
             image = Image.open(extra).rotate(90 * (copy + 1), expand=True)
             save_jpeg(image, root / "Tips" / f"{extra.stem}_rot{copy}.jpg", quality=90)
-    datamodule = SEMDataModule(str(root), num_workers=0, sampler="balanced", batch_size=64)
+    datamodule = SEMDataModule(
+        split_manifest(root), num_workers=0, sampler="balanced", batch_size=64
+    )
     counts = datamodule.class_counts("train")
     tips = datamodule.class_names.index("Tips")
     assert counts[tips] >= 2.5 * np.median(counts)

@@ -52,7 +52,8 @@ def extract_features(
     bf16: bool,
     out: np.ndarray,
 ) -> None:
-    """Run `backbone` over `dataset` in order, writing (N, num_features) rows into `out`."""
+    """Run `backbone` over `dataset` ({"image": ...} items) in order, writing (N, num_features)
+    rows into `out`."""
     backbone.eval()
     device = next(backbone.parameters()).device
     # A private generator: extracting must not shift the global RNG, or the shuffling of the
@@ -65,8 +66,8 @@ def extract_features(
         pin_memory=device.type == "cuda",
     )
     row = 0
-    for images, _ in tqdm(loader, desc="backbone features", unit="batch"):
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
+    for batch in tqdm(loader, desc="backbone features", unit="batch"):
+        images = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             features = backbone(images)  # (B, 3, H, W) -> (B, num_features)
         out[row : row + len(features)] = features.float().cpu().numpy()

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, is_image_file, open_image
 from sem_cls.data.infobar import detect_bar_top
-from sem_cls.errors import DataNotFoundError
+from sem_cls.errors import DataNotFoundError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,49 @@ def ingest(
     return result
 
 
+def ingest_folder(data, folder: Path | str | None = None) -> Ingest:
+    """Ingest of a folder with the settings of a `data` config (cache, max_pixels, workers):
+    `data.data_dir` by default, generated first where `data.synthetic` asks for the built-in
+    set, and with `data.missing_hint` when it is not there; or another `folder` as it is."""
+    settings = dict(
+        cache_dir=Path(data.cache_dir) / "ingest" if data.get("cache_dir") else None,
+        max_pixels=data.get("max_pixels", DEFAULT_MAX_PIXELS),
+        workers=max(1, data.get("num_workers", 2)),
+    )
+    if folder is not None:
+        return ingest(folder, **settings)
+    data_dir = Path(data.data_dir)
+    if data.get("synthetic"):
+        from sem_cls.data.synthetic import generate_dataset
+
+        try:
+            generate_dataset(data_dir, **data.synthetic)
+        except UserError as err:
+            raise UserError(
+                f"{err} To train on {data_dir} as it is, add data.synthetic=null; "
+                "to generate the built-in set, give another data.data_dir."
+            ) from None
+    try:
+        result = ingest(data_dir, **settings)
+    except DataNotFoundError as err:
+        raise DataNotFoundError(f"{err} {data.get('missing_hint') or ''}".strip()) from None
+    print(f"Ingest of {data_dir}: {result.summary()}")
+    return result
+
+
+def write_data_files(folder: Path, manifest, ingested: Ingest) -> Path:
+    """manifest.csv (the split, reusable as data.manifest) and ingest_report.csv (files left
+    out, and why) into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest.write(folder / "manifest.csv")
+    ingested.write_report(folder / "ingest_report.csv")
+    return folder
+
+
 def main() -> None:
     import hydra
 
+    from sem_cls.data.manifest import SplitManifest
     from sem_cls.errors import check_command_line, exits_on_user_error
 
     check_command_line(Path(__file__).resolve().parents[2] / "conf", "ingest")
@@ -221,19 +261,18 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="ingest")
     @exits_on_user_error
     def run(cfg) -> None:
-        datamodule = hydra.utils.instantiate(cfg.data)
-        datamodule.prepare_data()
-        folder = datamodule.write_data_files(Path(cfg.paths.output_dir) / "data")
-        counts = Counter(row["split"] for row in datamodule.split_manifest())
+        ingested = ingest_folder(cfg.data)
+        manifest = SplitManifest.from_config(cfg.data, ingested)
+        folder = write_data_files(Path(cfg.paths.output_dir) / "data", manifest, ingested)
+        counts = Counter(row["split"] for row in manifest.rows)
         print(
-            f"Split of {len(datamodule.class_names)} classes: "
+            f"Split of {len(manifest.class_names)} classes: "
             + ", ".join(f"{name} {counts[name]:,}" for name in ("train", "val", "test"))
-            + f"\nSplit fingerprint {datamodule.split_fingerprint()}"
+            + f"\nSplit fingerprint {manifest.fingerprint()}"
             + f"\nManifest and ingest report: {folder}"
         )
 
     run()
-
 
 if __name__ == "__main__":
     os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[2]))

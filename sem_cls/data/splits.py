@@ -1,14 +1,12 @@
-"""Leakage-safe splits: duplicate groups never straddle train/val/test; the split is a manifest.
+"""Leakage-safe splits: duplicate groups never straddle train/val/test (the algorithms; the
+result is a SplitManifest, sem_cls.data.manifest).
 
 Exact duplicates share a sha256 and near-duplicates a perceptual hash within a few bits; both
 are joined into groups, and whole groups go to one split. About a fifth of the NFFA images have
 a near-duplicate, so a split by file leaks test images into training.
 """
 
-import csv
-import hashlib
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -18,10 +16,6 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sem_cls.errors import UserError
 
 SPLITS = ("train", "val", "test")
-MANIFEST_FIELDS = (
-    "path", "class", "split", "sha256", "group", "width", "height",
-    "crop_left", "crop_top", "crop_right", "crop_bottom",
-)  # fmt: skip
 # Bits (of 64) two perceptual hashes may differ by and still be one image: re-encoded, resized,
 # brightened or shifted by 1% stays within 6; distinct generated specimens are 14 or more apart
 # (tests/test_splits.py checks both). Shifts of 2% and more can exceed it on periodic patterns.
@@ -123,36 +117,3 @@ def check_every_class_in_every_split(class_names, labels, split) -> None:
                 "data.split."
             )
 
-
-def fingerprint(rows: list[dict]) -> str:
-    """sha256 over (path, class, split, content sha256) of every row: same split, same print."""
-    digest = hashlib.sha256()
-    for row in sorted(rows, key=lambda r: r["path"]):
-        digest.update(f"{row['path']}\t{row['class']}\t{row['split']}\t{row['sha256']}\n".encode())
-    return digest.hexdigest()
-
-
-def write_manifest(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def read_manifest(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"data.manifest={path} does not exist; give a manifest.csv of a run.")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = set(MANIFEST_FIELDS) - set(rows[0] if rows else MANIFEST_FIELDS)
-    if missing or not rows:
-        raise UserError(
-            f"data.manifest={path} is not a sem-cls manifest: "
-            + (f"columns {sorted(missing)} are missing." if missing else "it has no rows.")
-        )
-    numeric = ("group", "width", "height", "crop_left", "crop_top", "crop_right", "crop_bottom")
-    for row in rows:
-        row.update({key: int(row[key]) for key in numeric})
-    return rows

@@ -115,9 +115,12 @@ class EvaluationReports(Callback):
 
     def on_test_epoch_end(self, trainer, pl_module):
         # Here, not in on_test_end, so the scores can still be logged as metrics of the pass.
-        split = pl_module.test_split
+        for split in pl_module.test_sets:  # "test", "external/<name>": the datamodule's names
+            self._report_test_set(trainer, pl_module, split)
+
+    def _report_test_set(self, trainer, pl_module, split: str) -> None:
         targets, probs = in_split_order(
-            trainer, split, pl_module.predictions()[0], pl_module.probabilities()
+            trainer, split, pl_module.predictions(split)[0], pl_module.probabilities(split)
         )
         targets, probs = targets.cpu().numpy(), probs.cpu().double().numpy()
         settings = self.settings
@@ -132,7 +135,7 @@ class EvaluationReports(Callback):
         extra = ("acc_ci_low", "acc_ci_high", "f1_macro_ci_low", "f1_macro_ci_high")
         for name in (*extra, "f1_weighted", "ece"):
             # Every rank computed the same scores from the gathered predictions.
-            pl_module.log(f"{split}/{name}", scores[name], sync_dist=True)
+            pl_module.log(f"{split}/{name}", scores[name], sync_dist=True, add_dataloader_idx=False)
         if not trainer.is_global_zero:
             return
         out_dir = self.output_dir / split
@@ -154,8 +157,8 @@ class EvaluationReports(Callback):
 
     @staticmethod
     def _samples(trainer, split: str, count: int):
-        """The images of the pass in loader order (test loaders do not shuffle): the split's
-        samples in the datamodule, where eval.py also puts each external folder's."""
+        """The images of the pass in loader order (test loaders do not shuffle): the set's
+        samples in the datamodule (a split, or a further test set such as an external folder)."""
         samples = getattr(trainer.datamodule, "samples", {}).get(split)
         if samples is None or len(samples) != count:
             log.warning("No image paths for %s: its reports list predictions without them.", split)

@@ -14,8 +14,8 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report  # noqa: E402
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix  # noqa: E402
 
-from sem_cls.data.datamodule import Sample  # noqa: E402
 from sem_cls.data.images import open_image, scale_box  # noqa: E402
+from sem_cls.data.samples import Sample  # noqa: E402
 from sem_cls.evaluation import scores as score_lib  # noqa: E402
 
 THUMBNAIL_SIDE = 192

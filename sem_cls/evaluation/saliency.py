@@ -47,7 +47,7 @@ def write_saliency(path: Path, model, datamodule, samples, count: int, title: st
     cut, resized and centre-cropped."""
     chosen = [samples[i] for i in spread_over_classes([s.label for s in samples], count)]
     dataset = datamodule.image_dataset(chosen)
-    images = torch.stack([dataset[i][0] for i in range(len(chosen))])
+    images = torch.stack([dataset[i]["image"] for i in range(len(chosen))])
     device = next(model.parameters()).device
     cams, probs = grad_cam(model, images.to(device).contiguous(memory_format=torch.channels_last))
     mean = torch.tensor(model.data_config["mean"]).view(3, 1, 1)

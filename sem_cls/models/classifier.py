@@ -48,6 +48,7 @@ class SEMClassifier(LightningModule):
         aux_logits: bool = False,
         mixup: dict | None = None,
         compile: bool = False,
+        tta: bool = False,
     ):
         super().__init__()
         if class_weighting not in CLASS_WEIGHTINGS:
@@ -57,8 +58,8 @@ class SEMClassifier(LightningModule):
         if not 0 <= label_smoothing < 1:
             raise UserError(f"model.label_smoothing={label_smoothing} must be in [0, 1).")
         # The optimizer factory is rebuilt from config, not pickled into checkpoints; compiling
-        # is a choice of the run, not of the model a checkpoint holds.
-        self.save_hyperparameters(ignore=["optimizer", "compile"], logger=False)
+        # and test-time augmentation are choices of the run, not of the model a checkpoint holds.
+        self.save_hyperparameters(ignore=["optimizer", "compile", "tta"], logger=False)
         self.class_names = list(class_names)
         self.optimizer_factory = optimizer
         # channels_last: about 1.5x faster convolutions on CPU (oneDNN) and on tensor-core GPUs.
@@ -77,10 +78,10 @@ class SEMClassifier(LightningModule):
             # torch.compile where the backbone runs every batch (a frozen one runs once per
             # image, for the cache). In place: the state dict keeps its names.
             self.backbone.compile()
-        # What test passes are logged as: "test", or e.g. "external/lab_b" for another folder.
-        self.test_split = "test"
         # Test-time augmentation in evaluation passes (eval.py tta=true).
-        self.tta = False
+        self.tta = tta
+        # The test sets a test pass reports on ("test", "external/<name>"), set in setup().
+        self.test_sets: list[str] = ["test"]
         num_classes = len(self.class_names)
         self.head = finetune.make_head(
             head, self.backbone.num_features, num_classes, head_hidden, head_dropout
@@ -95,20 +96,39 @@ class SEMClassifier(LightningModule):
         def accuracy(top_k=1):
             return MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
 
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
-        self.test_acc_top3 = accuracy(top_k=min(3, num_classes))
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.train_acc, self.val_acc = accuracy(), accuracy()
         self.val_f1 = MulticlassF1Score(num_classes, average="macro")
-        self.test_f1 = MulticlassF1Score(num_classes, average="macro")
         self.val_recall = MulticlassRecall(num_classes, average=None)
-        self.test_recall = MulticlassRecall(num_classes, average=None)
         self.val_acc_best = MaxMetric()
         # Saved in checkpoints, so a resumed run still knows the best epoch before the kill.
         self.val_acc_best.persistent(True)
         # Training-loss weight per class; set from the training split's counts in setup().
         self.register_buffer("class_weights", torch.ones(num_classes), persistent=False)
-        # Targets and class probabilities of the current evaluation pass, for the reports.
+        # Targets and class probabilities of the current validation pass, for the reports.
         self.eval_targets, self.eval_probs = CatMetric(), CatMetric()
+        # Per test set (see setup): test_metrics[i] holds its scores, targets and probabilities.
+        self.test_metrics = nn.ModuleList([self._test_metrics()])
+
+    def _test_metrics(self) -> nn.ModuleDict:
+        num_classes = len(self.class_names)
+        top3 = min(3, num_classes)
+        return nn.ModuleDict(
+            {
+                "loss": MeanMetric(),
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "acc_top3": MulticlassAccuracy(num_classes, top_k=top3, average="micro"),
+                "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+                "recall": MulticlassRecall(num_classes, average=None),
+                "targets": CatMetric(),
+                "probs": CatMetric(),
+            }
+        )
+
+    @property
+    def takes_features(self) -> bool:
+        """True when batches of cached backbone features will do: a frozen backbone, no TTA."""
+        return self.frozen and not self.tta
 
     @property
     def data_config(self) -> dict:
@@ -160,21 +180,33 @@ class SEMClassifier(LightningModule):
             counts = datamodule.class_counts("train")
             weights = counts.sum() / (len(counts) * counts.clip(min=1))
             self.class_weights = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
+        if stage == "test":
+            # One test pass per named set of the datamodule (its dataloader_idx), each with
+            # metrics of its own, logged under its name: "test", "external/<name>".
+            self.test_sets = list(getattr(datamodule, "test_set_names", None) or ["test"])
+            self.test_metrics = nn.ModuleList(self._test_metrics() for _ in self.test_sets)
 
-    def _step(self, batch, training: bool = False):
-        inputs, targets = batch
+    def _step(self, batch: dict, training: bool = False):
+        """Loss, logits and targets of a batch: {"image": (B, 3, H, W), "label": (B,)}, or
+        {"features": (B, num_features), ...} of a frozen backbone's cache, where only the head
+        runs."""
+        targets = batch["label"]
         if not training:
-            # (B, num_features) batches are cached backbone features: only the head runs.
-            if inputs.ndim == 2:
-                logits = self.head(inputs)
+            if "features" in batch:
+                logits = self.head(batch["features"])
             else:
-                logits = self.tta_logits(inputs) if self.tta else self(inputs)
+                images = batch["image"]
+                logits = self.tta_logits(images) if self.tta else self(images)
             return F.cross_entropy(logits, targets), logits, targets
         learned = targets
-        # timm's Mixup pairs images within a batch, so it needs an even number of them.
-        if self.mixup is not None and inputs.ndim == 4 and len(inputs) % 2 == 0:
-            inputs, learned = self.mixup(inputs, targets)  # mixed images, soft targets
-        features, aux = (inputs, None) if inputs.ndim == 2 else self.backbone_features(inputs)
+        if "features" in batch:
+            features, aux = batch["features"], None
+        else:
+            images = batch["image"]
+            # timm's Mixup pairs images within a batch, so it needs an even number of them.
+            if self.mixup is not None and len(images) % 2 == 0:
+                images, learned = self.mixup(images, targets)  # mixed images, soft targets
+            features, aux = self.backbone_features(images)
         logits = self.head(features)
         # Weighting and smoothing shape what is learned; evaluation losses stay plain.
         smoothing = 0.0 if learned is not targets else self.hparams.label_smoothing
@@ -214,7 +246,7 @@ class SEMClassifier(LightningModule):
         # Plain tensors (torchmetrics objects sync themselves): sync_dist reduces them over DDP
         # ranks, which already agree, since compute() gathered every rank's predictions.
         for name, value in zip(self.class_names, recall.compute(), strict=True):
-            self.log(f"{split}/recall/{name}", value, sync_dist=True)
+            self.log(f"{split}/recall/{name}", value, sync_dist=True, add_dataloader_idx=False)
         recall.reset()
 
     def on_validation_epoch_end(self):
@@ -225,35 +257,39 @@ class SEMClassifier(LightningModule):
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
-    def on_test_epoch_start(self):
-        self.eval_targets.reset()
-        self.eval_probs.reset()
-
-    def test_step(self, batch, batch_idx):
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         loss, logits, targets = self._step(batch)
-        self.test_loss(loss)
-        self.test_acc(logits, targets)
-        self.test_acc_top3(logits, targets)
-        self.test_f1(logits, targets)
-        self.test_recall(logits, targets)
-        self.eval_targets.update(targets)
-        self.eval_probs.update(logits.float().softmax(dim=1))
-        self.log(f"{self.test_split}/loss", self.test_loss, on_step=False, on_epoch=True)
-        self.log(f"{self.test_split}/acc", self.test_acc, on_step=False, on_epoch=True)
-        self.log(f"{self.test_split}/acc_top3", self.test_acc_top3, on_step=False, on_epoch=True)
-        self.log(f"{self.test_split}/f1_macro", self.test_f1, on_step=False, on_epoch=True)
+        name, metrics = self.test_sets[dataloader_idx], self.test_metrics[dataloader_idx]
+        metrics["loss"](loss)
+        for key in ("acc", "acc_top3", "f1_macro", "recall"):
+            metrics[key](logits, targets)
+        metrics["targets"].update(targets)
+        metrics["probs"].update(logits.float().softmax(dim=1))
+        # Named by the test set, not by Lightning's dataloader index.
+        for key in ("loss", "acc", "acc_top3", "f1_macro"):
+            value = metrics[key]
+            self.log(f"{name}/{key}", value, on_epoch=True, on_step=False, add_dataloader_idx=False)
 
     def on_test_epoch_end(self):
-        self._log_recall(self.test_split, self.test_recall)
+        for name, metrics in zip(self.test_sets, self.test_metrics, strict=True):
+            self._log_recall(name, metrics["recall"])
 
-    def predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(targets, predicted classes) of the last validation or test pass."""
-        return self.eval_targets.compute().long(), self.probabilities().argmax(dim=1)
+    def _pass(self, test_set: str | None):
+        """Targets and probabilities of the last validation pass, or of test set `test_set`."""
+        if test_set is None:
+            return self.eval_targets, self.eval_probs
+        metrics = self.test_metrics[self.test_sets.index(test_set)]
+        return metrics["targets"], metrics["probs"]
 
-    def probabilities(self) -> torch.Tensor:
-        """(N, num_classes) class probabilities of the last validation or test pass, in the
-        loader's order."""
-        return self.eval_probs.compute()
+    def predictions(self, test_set: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets, predicted classes) of the last validation pass, or of test set `test_set`
+        of the last test pass."""
+        return self._pass(test_set)[0].compute().long(), self.probabilities(test_set).argmax(dim=1)
+
+    def probabilities(self, test_set: str | None = None) -> torch.Tensor:
+        """(N, num_classes) class probabilities of the last validation pass (or of `test_set`),
+        in the loader's order."""
+        return self._pass(test_set)[1].compute()
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

@@ -9,10 +9,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sem_cls.data.datamodule import Sample, SEMImageDataset, eval_preprocessing
 from sem_cls.data.images import DEFAULT_MAX_PIXELS
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import check_image
+from sem_cls.data.samples import Sample, SEMImageDataset, eval_preprocessing
 
 UNCERTAIN = "uncertain"
 
@@ -40,7 +40,7 @@ class ImagesToClassify(Dataset):
         box = self.crop.box(*size, record["bar_top"])
         sample = Sample(path, -1, box, size, record["sha256"])
         one = SEMImageDataset([sample], self.transform, self.decode_side, self.max_pixels)
-        return one[0][0], ""
+        return one[0]["image"], ""
 
 
 def classify_files(

@@ -1,0 +1,72 @@
+"""What the loaders read: a `Sample` per image, and the datasets over samples (images or cached
+features), each item a dict that says what it holds."""
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import timm.data
+import torch
+from torch.utils.data import Dataset
+
+from sem_cls.data.images import DEFAULT_MAX_PIXELS, open_image, scale_box
+
+
+class Sample(NamedTuple):
+    """One image as the loaders see it: where, which class, what to keep, what it holds."""
+
+    path: Path
+    label: int
+    crop_box: tuple[int, int, int, int]  # in original pixels
+    size: tuple[int, int]  # original (width, height)
+    sha256: str
+
+
+class SEMImageDataset(Dataset):
+    """Reads an image, crops its recorded info-bar box, applies the backbone's transform:
+    {"image": (3, H, W), "label": int}.
+
+    JPEGs are decoded at the smallest power-of-two reduction that keeps `min_side` pixels, which
+    is several times cheaper than decoding 1024x768 and resizing away most of it.
+    """
+
+    def __init__(self, samples: list[Sample], transform, min_side: int = 0, max_pixels=None):
+        self.samples = samples
+        self.transform = transform
+        self.min_side = min_side
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image, size = open_image(sample.path, "RGB", self.min_side, self.max_pixels)
+        box = scale_box(sample.crop_box, size, image.size)
+        if box != (0, 0, *image.size):
+            image = image.crop(box)
+        return {"image": self.transform(image), "label": sample.label}
+
+
+class FeatureDataset(Dataset):
+    """{"features": (num_features,), "label": int} from a memory-mapped (N, num_features) matrix."""
+
+    def __init__(self, features: np.ndarray, labels: list[int]):
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"features": torch.from_numpy(np.array(self.features[index])), "label": self.labels[index]}
+
+
+def eval_preprocessing(data_config: dict):
+    """The backbone's evaluation transform (resize + centre crop) and the side JPEGs are decoded
+    at for it; shared by the loaders and by prediction, so both see the same pixels."""
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    # The transform resizes the short side to input/crop_pct; 10% more covers a typical info
+    # bar (8% of the height), so the crop is still downsampled, not blown up.
+    resized_side = data_config["input_size"][-1] / data_config["crop_pct"]
+    return transform, int(resized_side * 1.1)
