@@ -24,6 +24,7 @@ from sem_cls.data.datamodule import Sample, SEMImageDataset, eval_preprocessing
 from sem_cls.data.images import DEFAULT_MAX_PIXELS, is_image_file
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import check_image
+from sem_cls.data.workers import worker_init_fn
 from sem_cls.errors import UserError
 from sem_cls.evaluation.scores import top_k
 
@@ -88,7 +89,9 @@ def classify_files(
     """(N, num_classes) class probabilities of `files`, NaN for a file that could not be read,
     and each file's error ("" when read)."""
     dataset = ImagesToClassify(files, model.data_config, info_bar, max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init_fn
+    )
     model.eval()
     device = next(model.parameters()).device
     probs, errors = [], []

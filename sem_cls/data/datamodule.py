@@ -15,6 +15,7 @@ from sem_cls.data.augment import sem_train_transform
 from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, open_image, scale_box
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import INGEST_VERSION, Ingest, ingest
+from sem_cls.data.workers import worker_init_fn
 from sem_cls.errors import DataNotFoundError, UserError
 from sem_cls.models.feature_cache import FeatureCache
 
@@ -361,6 +362,7 @@ class SEMDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=on_gpu,
+            worker_init_fn=worker_init_fn,  # workers end with this process; seeded as Lightning's
         )
 
     def train_dataloader(self) -> DataLoader:
