@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from sem_cls.data.datamodule import Sample, SEMImageDataset, eval_preprocessing
-from sem_cls.data.images import DEFAULT_MAX_PIXELS, is_image_file
+from sem_cls.data.images import DEFAULT_MAX_PIXELS, is_image_file, walk_files
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import check_image
 from sem_cls.data.workers import worker_init_fn
@@ -34,13 +34,14 @@ UNCERTAIN = "uncertain"
 
 
 def image_files(inputs) -> list[Path]:
-    """Image files of `inputs`: folders (recursively, by suffix, as ingest picks them), and
-    files named one by one (whatever their suffix: a bad one is reported, not skipped)."""
+    """Image files of `inputs`: folders (walked as ingest walks them: recursively, following
+    links, by suffix; a symlink loop is listed, to be reported), and files named one by one
+    (whatever their suffix: a bad one is reported, not skipped)."""
     items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
     files = []
     for item in map(Path, items):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
+            files += [path for path, error in walk_files(item) if error or is_image_file(path)]
         elif item.is_file():
             files.append(item)
         else:

@@ -19,8 +19,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from sem_cls.data.datamodule import SEMDataModule
-from sem_cls.models.classifier import SEMClassifier
 from sem_cls.errors import UserError
+from sem_cls.models.classifier import SEMClassifier
 from sem_cls.models.feature_cache import FeatureCache
 from tests.conftest import ROOT
 

@@ -80,9 +80,12 @@ def extract_features(
         out[row : row + len(features)] = features.float().cpu().numpy()
         row += len(features)
 
+
 # Temporary files of an extraction: `<key>.partial-<pid>@<host>[.shard-<r>-of-<n>].npy`, named
 # after the process (rank 0's under DDP) that writes them, so a stale one can be recognised.
-_PARTIAL = re.compile(r"^[0-9a-f]{24}\.partial-(?P<pid>\d+)@(?P<host>[^/@]+?)(\.shard-\d+-of-\d+)?\.npy$")
+_PARTIAL = re.compile(
+    r"^[0-9a-f]{24}\.partial-(?P<pid>\d+)@(?P<host>[^/@]+?)(\.shard-\d+-of-\d+)?\.npy$"
+)
 
 
 def _partial_name(entry: Path, pid: int, host: str, shard: str = "") -> Path:
