@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -255,6 +256,7 @@ def test_an_unusable_entry_is_never_read_and_never_a_numpy_traceback(
     np.testing.assert_allclose(features, reference_features(), atol=1e-5)
     # Repaired: the next read is a hit that verifies.
     caplog.clear()
+    caplog.set_level(logging.INFO, logger="sem_cls.models.feature_cache")
     cached(FeatureCache(tmp_path), tiny_backbone())
     assert "discarded" not in caplog.text and "Feature cache hit" in caplog.text
 
