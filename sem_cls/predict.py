@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sem_cls.data.images import is_image_file
+from sem_cls.data.images import is_image_file, walk_files
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error
 from sem_cls.evaluation.scores import top_k
 from sem_cls.models.inference import UNCERTAIN, classify_files, decide
@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 
 
 def image_files(inputs) -> list[Path]:
-    """Image files of `inputs`: folders (recursively, by suffix, as ingest picks them), and
-    files named one by one (whatever their suffix: a bad one is reported, not skipped)."""
+    """Image files of `inputs`: folders (walked as ingest walks them: recursively, following
+    links, by suffix; a symlink loop is listed, to be reported), and files named one by one
+    (whatever their suffix: a bad one is reported, not skipped)."""
     items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
     files = []
     for item in map(Path, items):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
+            files += [path for path, error in walk_files(item) if error or is_image_file(path)]
         elif item.is_file():
             files.append(item)
         else:

@@ -1,7 +1,11 @@
 """The feature cache: the same head as without it, never stale, safe to kill, bf16 near fp32."""
 
+import hashlib
+import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +21,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.features import FeatureCache
+from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
 from tests.conftest import ROOT, split_manifest
 
@@ -190,3 +195,109 @@ def test_fine_tuning_bypasses_the_cache(tiny_sem_dir, tmp_path):
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["image"].ndim == 4, "a backbone that learns needs images, not cached features"
     assert not list(tmp_path.rglob("*.npy"))
+
+
+def reference_features() -> np.ndarray:
+    return tiny_backbone()(Images().images).detach().numpy()
+
+
+def only_entry(cache_dir) -> "os.PathLike":
+    (entry,) = [p for p in cache_dir.rglob("*.npy") if ".partial-" not in p.name]
+    return entry
+
+
+def test_a_tampered_entry_is_discarded_with_a_warning_and_extracted_again(tmp_path, caplog):
+    cached(FeatureCache(tmp_path), tiny_backbone())
+    entry = only_entry(tmp_path)
+    matrix = np.load(entry, mmap_mode="r+")
+    matrix[:3] = 0  # half the rows zeroed: same shape, same dtype, wrong content
+    matrix.flush()
+    del matrix
+    features = cached(FeatureCache(tmp_path), tiny_backbone())
+    assert str(entry) in caplog.text and "does not match its checksum" in caplog.text
+    np.testing.assert_allclose(features, reference_features(), atol=1e-5)
+
+
+def write_npy_with_sidecar(entry, array, allow_pickle=False):
+    """A .npy file and a sidecar that describes it truthfully: only its content is wrong."""
+    with entry.open("wb") as f:
+        np.lib.format.write_array(f, array, allow_pickle=allow_pickle)
+    sha256 = hashlib.sha256(entry.read_bytes()).hexdigest()
+    sidecar = {"sha256": sha256, "shape": list(array.shape), "dtype": array.dtype.str}
+    entry.with_suffix(".json").write_text(json.dumps(sidecar))
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda e: e.write_bytes(os.urandom(4096)), "does not match its checksum"),
+        (lambda e: e.write_bytes(b""), "does not match its checksum"),
+        (lambda e: e.with_suffix(".json").unlink(), "no checksum file"),
+        (lambda e: e.with_suffix(".json").write_text("{not json"), "checksum file is unreadable"),
+        (
+            lambda e: write_npy_with_sidecar(e, np.array([{"a": 1}] * 6, dtype=object), True),
+            "not a readable feature matrix",
+        ),
+        (
+            lambda e: write_npy_with_sidecar(e, np.zeros((6, 3), np.float32)),
+            "not float32",
+        ),
+        (
+            lambda e: write_npy_with_sidecar(e, np.zeros((6, 1280), np.float64)),
+            "not float32",
+        ),
+    ],
+    ids=["garbage", "empty", "no-sidecar", "bad-sidecar", "pickled", "shape", "dtype"],
+)
+def test_an_unusable_entry_is_never_read_and_never_a_numpy_traceback(
+    tmp_path, caplog, damage, reason
+):
+    cached(FeatureCache(tmp_path), tiny_backbone())
+    entry = only_entry(tmp_path)
+    damage(entry)
+    features = cached(FeatureCache(tmp_path), tiny_backbone())
+    assert f"{entry}" in caplog.text and reason in caplog.text
+    np.testing.assert_allclose(features, reference_features(), atol=1e-5)
+    # Repaired: the next read is a hit that verifies.
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="sem_cls.data.features")
+    cached(FeatureCache(tmp_path), tiny_backbone())
+    assert "discarded" not in caplog.text and "Feature cache hit" in caplog.text
+
+
+def test_a_cache_that_cannot_be_repaired_is_a_user_error_naming_the_path(tmp_path):
+    cached(FeatureCache(tmp_path), tiny_backbone())
+    entry = only_entry(tmp_path)
+    entry.unlink()
+    entry.mkdir()  # a folder where the entry file belongs
+    with pytest.raises(UserError, match=f"rm -r {entry}"):
+        cached(FeatureCache(tmp_path), tiny_backbone())
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("a user's file")
+    with pytest.raises(UserError, match="data.cache_dir"):
+        cached(FeatureCache(not_a_folder), tiny_backbone())
+    assert not_a_folder.read_text() == "a user's file"
+
+
+def test_partials_of_killed_extractions_are_removed_and_only_those(tmp_path):
+    cache = FeatureCache(tmp_path)
+    cached(cache, tiny_backbone())
+    entry = only_entry(tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    stale = [
+        entry.with_name(f"{'0' * 24}.partial-{gone.pid}@{host}.npy"),
+        entry.with_name(f"{'1' * 24}.partial-{gone.pid}@{host}.shard-1-of-2.npy"),
+    ]
+    kept = [
+        entry.with_name(f"{'2' * 24}.partial-{os.getpid()}@{host}.npy"),  # a live extraction
+        entry.with_name(f"{'3' * 24}.partial-{gone.pid}@elsewhere.npy"),  # another host's
+        entry.with_name(f"notes.partial-{gone.pid}@{host}.npy"),  # not the project's name
+    ]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    cached(cache, tiny_backbone(), digests="abcdeg")  # a miss: an extraction starts
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept)

@@ -1,5 +1,6 @@
 """Ingest: bad files are reported and left out, odd formats are read, real SEM images decode."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -155,3 +156,109 @@ def test_real_external_folder_loads_cropped_for_a_model(tiny_sem_dir):
     for index in range(len(samples)):
         image, label = dataset[index]["image"], dataset[index]["label"]
         assert image.shape == (3, 224, 224) and label == samples[index].label
+
+
+def small_folder(root: Path) -> Path:
+    """Two classes of small gray PNGs, made in milliseconds."""
+    for index in range(4):
+        folder = root / ("A" if index % 2 else "B")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(index).integers(0, 255, (48, 64), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+def test_subfolders_and_links_are_used_and_a_symlink_loop_is_reported(tmp_path):
+    root = small_folder(tmp_path / "sem")
+    (root / "A" / "day2" / "x").mkdir(parents=True)
+    shutil.copy(root / "A" / "1.png", root / "A" / "day2" / "x" / "deep.png")
+    (root / "A" / ".hidden").mkdir()
+    shutil.copy(root / "A" / "1.png", root / "A" / ".hidden" / "skipped.png")
+    outside = small_folder(tmp_path / "elsewhere")
+    (root / "B" / "linked.png").symlink_to(outside / "A" / "1.png")
+    (root / "B" / "linked-folder").symlink_to(outside / "B")
+    (root / "A" / "day2" / "loop").symlink_to(root / "A")  # leads back up: a loop
+    (root / "A" / "self.png").symlink_to(root / "A" / "self.png")  # a link to itself
+
+    result = ingest(root, workers=1, progress=False)
+    assert {r["path"] for r in result.images} == {
+        "A/1.png", "A/3.png", "A/day2/x/deep.png", "B/0.png", "B/2.png", "B/linked.png",
+        "B/linked-folder/0.png", "B/linked-folder/2.png",
+    }  # fmt: skip
+    assert {r["path"]: r["class"] for r in result.images}["A/day2/x/deep.png"] == "A"
+    rejected = {r["path"]: r["error"] for r in result.rejected}
+    assert set(rejected) == {"A/day2/loop", "A/self.png"}
+    assert all("symlink loop" in error for error in rejected.values())
+    assert "2 symlink loop" in result.summary()
+
+    # predict walks inputs the same way, and reports the loops instead of hanging on them
+    from sem_cls.predict import image_files
+
+    files = {p.relative_to(root).as_posix() for p in image_files(root)}
+    assert files == {r["path"] for r in result.images + result.rejected}
+    assert "symlink loop" in check_image(root / "A" / "day2" / "loop")["error"]
+
+
+def test_a_read_error_is_reported_but_not_cached_as_a_verdict(tmp_path, monkeypatch):
+    root = small_folder(tmp_path / "sem")
+    victim = root / "A" / "1.png"
+    read_bytes = Path.read_bytes
+
+    def fails_once(path):
+        if path == victim:
+            monkeypatch.setattr(Path, "read_bytes", read_bytes)
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", fails_once)
+    first = ingest(root, cache_dir=tmp_path / "cache", workers=1, progress=False)
+    assert [(r["path"], r["error"]) for r in first.rejected] == [
+        ("A/1.png", "could not be read: Permission denied")
+    ]
+    again = ingest(root, cache_dir=tmp_path / "cache", workers=1, progress=False)
+    assert "A/1.png" in {r["path"] for r in again.images} and not again.rejected
+
+
+def test_a_damaged_ingest_cache_is_discarded_with_a_warning(tmp_path, caplog):
+    root = small_folder(tmp_path / "sem")
+    expected = ingest(root, cache_dir=tmp_path / "cache", workers=1, progress=False).images
+    (cache_file,) = (tmp_path / "cache").glob("*.csv")
+    for damage in (os.urandom(300), b"path,class\nA/1.png", cache_file.read_bytes()[:-40]):
+        cache_file.write_bytes(damage)
+        assert ingest(root, cache_dir=tmp_path / "cache", workers=1, progress=False).images == (
+            expected
+        )
+        assert f"Ingest cache {cache_file} is unreadable" in caplog.text
+        caplog.clear()
+
+
+def test_exif_orientation_is_applied_for_ingest_and_the_loaders(tmp_path):
+    pixels = np.zeros((40, 100), np.uint8)
+    pixels[:, :10] = 255  # a bright stripe on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: shown rotated by 90 degrees clockwise
+    path = tmp_path / "turned.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+
+    image, size = open_image(path, "L")
+    assert size == image.size == (40, 100), "width and height are the upright ones"
+    upright = np.asarray(image)
+    assert upright[:10].mean() == 255 and upright[10:].mean() == 0  # the stripe is on top
+    record = check_image(path)
+    assert (record["width"], record["height"]) == (40, 100)
+    from sem_cls.data.datamodule import Sample, SEMImageDataset
+
+    sample = Sample(path, 0, (0, 0, 40, 100), (40, 100), "")
+    tensor, _ = SEMImageDataset([sample], lambda im: np.asarray(im))[0]
+    assert tensor.shape == (100, 40, 3) and (tensor[..., 0] == upright).all()
+
+
+def test_a_multi_page_tiff_is_read_at_its_first_page_and_noted(tmp_path, caplog):
+    root = small_folder(tmp_path / "sem")
+    pages = [Image.fromarray(np.full((30, 50), value, np.uint8)) for value in (200, 10, 90)]
+    pages[0].save(root / "A" / "stack.tif", save_all=True, append_images=pages[1:])
+    result = ingest(root, workers=1, progress=False)
+    (record,) = [r for r in result.images if r["path"] == "A/stack.tif"]
+    assert record["pages"] == 3
+    assert "A/stack.tif (3 pages)" in caplog.text and "first page is used" in caplog.text
+    assert np.asarray(open_image(root / "A" / "stack.tif", "L")[0]).mean() == 200

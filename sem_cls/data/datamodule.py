@@ -15,6 +15,7 @@ from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from sem_cls.data.ingest import INGEST_VERSION
 from sem_cls.data.manifest import SPLITS, SplitManifest
 from sem_cls.data.samples import FeatureDataset, Sample, SEMImageDataset, eval_preprocessing
+from sem_cls.data.workers import worker_init_fn
 from sem_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ class SEMDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=on_gpu,
+            worker_init_fn=worker_init_fn,  # workers end with this process; seeded as Lightning's
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -5,14 +5,18 @@ of a sweep over the head, so they are computed once. An entry is keyed by everyt
 changes them (architecture, every weight, preprocessing, precision, the images' content), so a
 stale entry is never read. Entries are .npy files read memory-mapped, so memory does not grow
 with the dataset, and written under a temporary name then renamed, so an interrupted
-extraction leaves nothing that looks complete. Under DDP each rank extracts every
-world_size-th image into a shard of its own, and rank 0 merges the shards into the entry.
+extraction leaves nothing that looks complete. Each entry has a sidecar `<key>.json` with the
+sha256, shape and dtype of its .npy, checked on every read: an entry that does not match is
+discarded with a warning and extracted again, never trained on. Under DDP each rank extracts
+every world_size-th image into a shard of its own, and rank 0 merges the shards into the entry.
 """
 
 import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import weakref
 from pathlib import Path
 
@@ -21,6 +25,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
+
+from sem_cls.data.workers import worker_init_fn
+from sem_cls.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,7 @@ def extract_features(
         num_workers=num_workers,
         generator=torch.Generator(),
         pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init_fn,  # workers end with this process, even when it is killed
     )
     row = 0
     for batch in tqdm(loader, desc="backbone features", unit="batch"):
@@ -72,6 +80,93 @@ def extract_features(
             features = backbone(images)  # (B, 3, H, W) -> (B, num_features)
         out[row : row + len(features)] = features.float().cpu().numpy()
         row += len(features)
+
+
+# Temporary files of an extraction: `<key>.partial-<pid>@<host>[.shard-<r>-of-<n>].npy`, named
+# after the process (rank 0's under DDP) that writes them, so a stale one can be recognised.
+_PARTIAL = re.compile(
+    r"^[0-9a-f]{24}\.partial-(?P<pid>\d+)@(?P<host>[^/@]+?)(\.shard-\d+-of-\d+)?\.npy$"
+)
+
+
+def _partial_name(entry: Path, pid: int, host: str, shard: str = "") -> Path:
+    return entry.with_name(f"{entry.stem}.partial-{pid}@{host}{shard}.npy")
+
+
+def _sidecar(entry: Path) -> Path:
+    return entry.with_suffix(".json")
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()  # ~0.2 s for 170 MB
+
+
+def _commit(partial: Path, entry: Path) -> None:
+    """Rename a complete `partial` into place as `entry`, its sidecar first: a kill between the
+    two renames leaves a sidecar without entry (a miss), never an entry that verifies."""
+    matrix = np.load(partial, mmap_mode="r", allow_pickle=False)
+    recorded = {"sha256": _sha256(partial), "shape": list(matrix.shape), "dtype": matrix.dtype.str}
+    del matrix
+    partial.with_suffix(".json").write_text(json.dumps(recorded))
+    os.replace(partial.with_suffix(".json"), _sidecar(entry))
+    os.replace(partial, entry)  # atomic: readers see no entry or a complete one
+
+
+def _problem(entry: Path, shape: tuple[int, int]) -> str:
+    """Why the entry at `entry` cannot be trusted, or "" when it matches its sidecar."""
+    try:
+        recorded = json.loads(_sidecar(entry).read_text())
+        sha256, recorded_shape, dtype = recorded["sha256"], recorded["shape"], recorded["dtype"]
+    except FileNotFoundError:
+        return "it has no checksum file"
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        return f"its checksum file is unreadable ({type(err).__name__})"
+    try:
+        if _sha256(entry) != sha256:
+            return "its content does not match its checksum (changed or damaged since written)"
+        matrix = np.load(entry, mmap_mode="r", allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 -- any unreadable file is discarded, not fatal
+        return f"it is not a readable feature matrix ({type(err).__name__}: {err})"
+    found = (matrix.dtype.str, list(matrix.shape))
+    if found != (dtype, recorded_shape) or found != (np.dtype(np.float32).str, list(shape)):
+        return f"it holds {found[0]} {tuple(found[1])}, not float32 {shape}"
+    return ""
+
+
+def _unrepairable(path: Path, err: OSError) -> UserError:
+    return UserError(
+        f"The feature cache cannot be repaired at {path} ({type(err).__name__}: {err}). Remove "
+        f"it (rm -r {path}) or give another data.cache_dir."
+    )
+
+
+def _discard(entry: Path, why: str) -> None:
+    log.warning("Feature cache entry %s is discarded and extracted again: %s.", entry, why)
+    try:
+        entry.unlink(missing_ok=True)
+        _sidecar(entry).unlink(missing_ok=True)
+    except OSError as err:  # a directory where the entry should be, a read-only cache
+        raise _unrepairable(entry, err) from None
+
+
+def _remove_stale_partials(entry_dir: Path) -> None:
+    """Delete partial files of extractions on this host whose process is gone (killed)."""
+    host = socket.gethostname()
+    for path in entry_dir.iterdir():
+        match = _PARTIAL.match(path.name)
+        if not match or match["host"] != host or not path.is_file():
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)
+            continue  # still running: another extraction's file
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        log.info("Removing %s, left by a killed extraction.", path)
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
 
 
 class FeatureCache:
@@ -113,30 +208,48 @@ class FeatureCache:
         images_key = hashlib.sha256("\n".join(image_digests).encode()).hexdigest()[:24]
         entry_dir = self.cache_dir / self.backbone_key(backbone, preprocessing, bf16)
         entry = entry_dir / f"{images_key}.npy"
+        shape = (len(dataset), backbone.num_features)
         distributed = strategy is not None and strategy.world_size > 1
         # Rank 0 decides hit or miss for all, so no rank waits at a barrier the others skip.
-        hit = strategy.broadcast(entry.is_file()) if distributed else entry.is_file()
+        hit = self._verified(entry, shape) if not distributed or strategy.is_global_zero else None
+        if distributed:
+            hit = strategy.broadcast(hit)
         if hit:
             log.info("Feature cache hit: %s", entry)
-            return np.load(entry, mmap_mode="r")
+            return np.load(entry, mmap_mode="r", allow_pickle=False)
 
         log.info("Feature cache miss: extracting %d images into %s", len(dataset), entry)
-        entry_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            entry_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_partials(entry_dir)
+        except OSError as err:  # a file where a folder should be, no permission
+            raise _unrepairable(entry_dir, err) from None
         if distributed:
             args = (backbone, dataset, batch_size, num_workers, bf16)
             return self._extract_sharded(entry, *args, strategy)
-        partial = entry.with_suffix(f".partial-{os.getpid()}.npy")
+        partial = _partial_name(entry, os.getpid(), socket.gethostname())
         try:
-            out = np.lib.format.open_memmap(
-                partial, mode="w+", dtype=np.float32, shape=(len(dataset), backbone.num_features)
-            )
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
             extract_features(backbone, dataset, batch_size, num_workers, bf16, out)
             out.flush()
             del out
-            os.replace(partial, entry)  # atomic: readers see no entry or a complete one
+            _commit(partial, entry)
         finally:
             partial.unlink(missing_ok=True)
-        return np.load(entry, mmap_mode="r")
+            partial.with_suffix(".json").unlink(missing_ok=True)
+        return np.load(entry, mmap_mode="r", allow_pickle=False)
+
+    @staticmethod
+    def _verified(entry: Path, shape: tuple[int, int]) -> bool:
+        """Whether `entry` is there and matches its checksum; one that does not is discarded."""
+        if not entry.exists() and not entry.is_symlink():
+            return False
+        if entry.is_dir():
+            raise _unrepairable(entry, IsADirectoryError("a folder where a cache file belongs"))
+        problem = _problem(entry, shape)
+        if problem:
+            _discard(entry, problem)
+        return not problem
 
     @staticmethod
     def _extract_sharded(entry, backbone, dataset, batch_size, num_workers, bf16, strategy):
@@ -146,9 +259,9 @@ class FeatureCache:
         filesystem that every rank sees: with several nodes, a shared cache_dir."""
         rank, world = strategy.global_rank, strategy.world_size
         # Named after rank 0's process, so two jobs extracting the same entry never share a file.
-        job = strategy.broadcast(os.getpid())
-        shards = [entry.with_suffix(f".partial-{job}-{r}-of-{world}.npy") for r in range(world)]
-        shard, partial = shards[rank], entry.with_suffix(f".partial-{job}.npy")
+        job, host = strategy.broadcast((os.getpid(), socket.gethostname()))
+        shards = [_partial_name(entry, job, host, f".shard-{r}-of-{world}") for r in range(world)]
+        shard, partial = shards[rank], _partial_name(entry, job, host)
         num_features = backbone.num_features
         rows = range(rank, len(dataset), world)
         try:
@@ -173,9 +286,10 @@ class FeatureCache:
                     merged[r::world] = np.load(path, mmap_mode="r")  # rows r, r + world, ...
                 merged.flush()
                 del merged
-                os.replace(partial, entry)  # atomic: readers see no entry or a complete one
+                _commit(partial, entry)
             strategy.barrier("feature cache entry merged")
         finally:
             shard.unlink(missing_ok=True)
             partial.unlink(missing_ok=True)
-        return np.load(entry, mmap_mode="r")
+            partial.with_suffix(".json").unlink(missing_ok=True)
+        return np.load(entry, mmap_mode="r", allow_pickle=False)

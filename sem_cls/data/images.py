@@ -1,9 +1,13 @@
-"""Reading SEM images of any common format as 8-bit RGB or grayscale arrays the models expect."""
+"""Finding SEM image files under a folder, and reading any common format as the 8-bit RGB or
+grayscale images the models expect."""
 
+import errno
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from sem_cls.errors import UserError
 
@@ -22,6 +26,57 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def walk_files(folder: Path) -> list[tuple[Path, str]]:
+    """Every file under `folder`, in sorted order, as (path, "") or (path, why it cannot be read).
+
+    Symbolic links to files and folders are followed; a link that leads back to a folder above
+    it (a loop) or nowhere is returned with the reason, so it is reported rather than walked
+    forever or skipped. Hidden files and folders (".name") are skipped.
+    """
+    found = []
+
+    def visit(directory: Path, ancestors: frozenset) -> None:
+        try:
+            names = sorted(entry.name for entry in os.scandir(directory))
+        except OSError as err:
+            found.append((directory, f"folder cannot be listed: {err.strerror}"))
+            return
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = directory / name
+            try:
+                info = path.stat()  # follows links
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    found.append((path, "symlink loop: the link leads back to itself"))
+                elif path.is_symlink():
+                    found.append((path, f"broken symlink to {os.readlink(path)}"))
+                else:
+                    found.append((path, f"cannot be read: {err.strerror}"))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                key = (info.st_dev, info.st_ino)
+                if key in ancestors:
+                    target = os.path.realpath(path)
+                    found.append((path, f"symlink loop: the link leads back to {target}"))
+                else:
+                    visit(path, ancestors | {key})
+            elif stat.S_ISREG(info.st_mode):
+                found.append((path, ""))
+
+    root = folder.stat()
+    visit(folder, frozenset({(root.st_dev, root.st_ino)}))
+    return found
+
+
+def page_count(path) -> int:
+    """Pages (frames) of an image file: more than 1 for multi-page TIFFs, of which the first is
+    used."""
+    with Image.open(path) as image:
+        return getattr(image, "n_frames", 1)
+
+
 def check_max_pixels(max_pixels: int) -> int:
     if not isinstance(max_pixels, int) or max_pixels <= 0:
         raise UserError(f"data.max_pixels={max_pixels!r} must be a positive number of pixels.")
@@ -38,7 +93,9 @@ def open_image(
     sides, several times cheaper than a full decode that is resized away later. 16-bit and float
     images are stretched from their own min-max range to 0-255, since detectors rarely fill 16
     bits. Alpha is dropped, palettes expanded. The pixel limit is checked on the header, before
-    anything is decoded.
+    anything is decoded. An EXIF orientation is applied (the size returned is the upright one),
+    so ingest, training, evaluation and prediction see the same upright pixels; of a multi-page
+    TIFF the first page is read.
     """
     try:
         image = Image.open(path)
@@ -50,9 +107,14 @@ def open_image(
             raise ImageTooLarge(
                 f"{width}x{height} pixels is more than data.max_pixels={max_pixels:,}"
             )
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         if min_side:
             image.draft(mode, (min_side, min_side))
         image.load()
+        if orientation in range(2, 9):
+            image = ImageOps.exif_transpose(image)
+            if orientation >= 5:  # 5-8 turn the image by 90 degrees
+                width, height = height, width
         if image.mode in _WIDE_MODES:
             values = np.asarray(image, dtype=np.float32)
             low, high = float(values.min()), float(values.max())

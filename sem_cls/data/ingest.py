@@ -1,14 +1,17 @@
 """Ingest: check every file of a `<root>/<Class>/` folder once, and hash and measure the good ones.
 
 A file that cannot be used (zero bytes, truncated, not an image, too large) is reported and
-left out, so no bad file can stop a training run halfway. Results are cached per file (path,
-size and modification time), so a second ingest of the same folder reads only what changed.
+left out, so no bad file can stop a training run halfway. Files in subfolders of a class folder
+belong to that class; symbolic links are followed. Results are cached per file (path, size and
+modification time), so a second ingest of the same folder reads only what changed; a file that
+could not be read this time (an OS error) is reported but checked again next time.
 
 python -m sem_cls.data.ingest                        # the folder training would use, and its split
 python -m sem_cls.data.ingest data.data_dir=/my/sem  # any <Class>/ folder
 """
 
 import csv
+import errno
 import hashlib
 import io
 import logging
@@ -24,20 +27,33 @@ import numpy as np
 from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, is_image_file, open_image
+from sem_cls.data.images import (
+    DEFAULT_MAX_PIXELS,
+    check_max_pixels,
+    is_image_file,
+    open_image,
+    page_count,
+    walk_files,
+)
 from sem_cls.data.infobar import detect_bar_top
+from sem_cls.data.workers import die_with_parent
 from sem_cls.errors import DataNotFoundError, UserError
 
 log = logging.getLogger(__name__)
 
 # Bumped when what a check records changes, so cached checks of older versions are redone.
-INGEST_VERSION = 1
+# 2: EXIF orientation applied (upright width, height, bar row); page count of multi-page TIFFs.
+INGEST_VERSION = 2
 # Bar detection and the perceptual hash need row statistics and a 32x32 thumbnail, not full
 # resolution: JPEGs decode at a quarter of 1024x768, which is four times cheaper.
 ANALYSIS_SIDE = 192
 RECORD_FIELDS = (
-    "path", "class", "bytes", "mtime_ns", "width", "height", "sha256", "phash", "bar_top", "error"
+    "path", "class", "bytes", "mtime_ns", "width", "height", "sha256", "phash", "bar_top", "pages",
+    "error",
 )  # fmt: skip
+# Set on a record whose file could not be read (an OS error): not a verdict on the file, so it is
+# not cached and the file is checked again by the next ingest.
+RETRY = "retry"
 
 
 @dataclass
@@ -76,6 +92,7 @@ def _reason(error: str) -> str:
         ("truncated", "truncated"),
         ("not an image file", "not an image"),
         ("max_pixels", "too large"),
+        ("symlink loop", "symlink loop"),
     ):
         if key in lowered:
             return reason
@@ -84,9 +101,16 @@ def _reason(error: str) -> str:
 
 def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Size, sha256, perceptual hash and info-bar top row of one image, or why it is unusable."""
-    record = {"width": 0, "height": 0, "sha256": "", "phash": "", "bar_top": 0, "error": ""}
+    record = {"width": 0, "height": 0, "sha256": "", "phash": "", "bar_top": 0, "pages": 0}
+    record["error"] = ""
     try:
         data = path.read_bytes()
+    except OSError as err:  # the disk, permissions, a link: the file may be fine next time
+        reason = err.strerror or type(err).__name__
+        if path.is_dir() or err.errno == errno.ELOOP:  # only a walk's loop yields a folder here
+            reason = "symlink loop"
+        return {**record, "error": f"could not be read: {reason}", RETRY: True}
+    try:
         if not data:
             raise ValueError("empty file (0 bytes)")
         record["sha256"] = hashlib.sha256(data).hexdigest()
@@ -96,6 +120,7 @@ def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
         # The bar's text differs between otherwise identical images: hash the specimen only.
         record["phash"] = str(imagehash.phash(gray.crop((0, 0, gray.width, bar_top))))
         record.update(width=width, height=height, bar_top=round(bar_top * height / gray.height))
+        record["pages"] = page_count(io.BytesIO(data))
     except UnidentifiedImageError:
         record["error"] = "not an image file: no image format recognised in its bytes"
     except Exception as err:  # any failure to read makes the file unusable, and is reported
@@ -113,25 +138,33 @@ def _cache_file(cache_dir: Path, root: Path, max_pixels: int) -> Path:
 
 
 def _read_cache(path: Path | None) -> dict[str, dict]:
+    """Cached checks by path; a damaged cache file is discarded (it is rebuilt by this ingest)."""
     if path is None or not path.is_file():
         return {}
-    with path.open(newline="") as f:
-        return {row["path"]: row for row in csv.DictReader(f)}
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        if any(set(row) != set(RECORD_FIELDS) for row in rows):
+            raise ValueError("columns differ from a cache file's")
+        return {row["path"]: _typed(row) for row in rows}
+    except (OSError, ValueError, TypeError, csv.Error) as err:
+        log.warning("Ingest cache %s is unreadable (%s); checking every file again.", path, err)
+        return {}
 
 
 def _write_cache(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".partial-{os.getpid()}")
     with partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(record for record in records if not record.get(RETRY))
     os.replace(partial, path)
 
 
 def _typed(record: dict) -> dict:
     """CSV strings back to numbers."""
-    for key in ("bytes", "mtime_ns", "width", "height", "bar_top"):
+    for key in ("bytes", "mtime_ns", "width", "height", "bar_top", "pages"):
         record[key] = int(record[key])
     return record
 
@@ -148,30 +181,35 @@ def ingest(
     check_max_pixels(max_pixels)
     if not root.is_dir():
         raise DataNotFoundError(f"Data folder {root} does not exist.")
+    # A class is a top-level folder (or link to one); everything under it is its images.
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = [
-        (path, class_dir.name)
-        for class_dir in class_dirs
-        for path in sorted(class_dir.iterdir())
-        if path.is_file() and not path.name.startswith(".")
-    ]
+    files = [(path, class_dir.name, error) for class_dir in class_dirs
+             for path, error in walk_files(class_dir)]  # fmt: skip
     cache_file = _cache_file(Path(cache_dir), root, max_pixels) if cache_dir else None
     cached = _read_cache(cache_file)
 
     records, to_check = [], []
-    for path, class_name in files:
+    for path, class_name, error in files:
         relative = path.relative_to(root).as_posix()
-        stat = path.stat()
-        record = {"path": relative, "class": class_name, "bytes": stat.st_size}
-        record["mtime_ns"] = stat.st_mtime_ns
-        hit = cached.get(relative)
-        if not is_image_file(path):
-            record.update(width=0, height=0, sha256="", phash="", bar_top=0)
+        record = {"path": relative, "class": class_name, "bytes": 0, "mtime_ns": 0}
+        record.update(width=0, height=0, sha256="", phash="", bar_top=0, pages=0, error=error)
+        try:
+            stat = path.stat()
+        except OSError as err:
+            error = error or f"could not be read: {err.strerror}"
+            stat = None
+        if error:
+            record.update(error=error, retry=True)  # a walk's finding is made again every walk
+        elif not is_image_file(path):
+            record.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
             record["error"] = f"not an image file (suffix {path.suffix or 'none'!r})"
-        elif hit and int(hit["bytes"]) == stat.st_size and int(hit["mtime_ns"]) == stat.st_mtime_ns:
-            record = _typed(hit)
         else:
-            to_check.append((len(records), path))
+            record.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+            hit = cached.get(relative)
+            if hit and (hit["bytes"], hit["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+                record = hit
+            else:
+                to_check.append((len(records), path))
         records.append(record)
 
     if to_check:
@@ -180,7 +218,14 @@ def ingest(
         if workers > 1 and len(jobs) > 64:
             # fork: workers start at once, without re-importing the caller's modules (torch);
             # they only decode and hash.
-            with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+            # Workers are killed with this process, even by SIGKILL (no orphans decoding on).
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=get_context("fork"),
+                initializer=die_with_parent,
+                initargs=(os.getpid(),),
+            )
+            with pool:
                 checked = list(tqdm(pool.map(_check, jobs, chunksize=32), **bar))
         else:
             checked = [_check(job) for job in tqdm(jobs, **bar)]
@@ -204,6 +249,11 @@ def ingest(
             f"({', '.join(s.lstrip('.') for s in sorted({'.jpg', '.png', '.tif', '.bmp'}))})."
         )
     log.info("Ingest of %s: %s", root, result.summary())
+    multi_page = [f"{r['path']} ({r['pages']} pages)" for r in images if r["pages"] > 1]
+    if multi_page:
+        listed = ", ".join(multi_page[:20]) + (", ..." if len(multi_page) > 20 else "")
+        log.warning("%d multi-page images, of which the first page is used: %s",
+                    len(multi_page), listed)  # fmt: skip
     for record in rejected[:20]:
         log.warning("Left out %s: %s", record["path"], record["error"])
     if len(rejected) > 20:

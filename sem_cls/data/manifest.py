@@ -1,19 +1,24 @@
 """SplitManifest: which image of an ingested folder is in train, val or test, with its crop box;
 built from an ingest, or read from the manifest.csv of an earlier run and checked against one."""
 
+from __future__ import annotations
+
 import csv
 import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sem_cls.data import splits as split_lib
 from sem_cls.data.infobar import InfoBarCrop
-from sem_cls.data.ingest import Ingest
 from sem_cls.data.samples import Sample
 from sem_cls.errors import DataNotFoundError, UserError
+
+if TYPE_CHECKING:  # for annotations only: the ingest CLI builds manifests, so no runtime import
+    from sem_cls.data.ingest import Ingest
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from sem_cls.data.images import DEFAULT_MAX_PIXELS
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import check_image
 from sem_cls.data.samples import Sample, SEMImageDataset, eval_preprocessing
+from sem_cls.data.workers import worker_init_fn
 
 UNCERTAIN = "uncertain"
 
@@ -40,7 +41,10 @@ class ImagesToClassify(Dataset):
         box = self.crop.box(*size, record["bar_top"])
         sample = Sample(path, -1, box, size, record["sha256"])
         one = SEMImageDataset([sample], self.transform, self.decode_side, self.max_pixels)
-        return one[0]["image"], ""
+        try:
+            return one[0]["image"], ""
+        except Exception as err:  # changed since the check, or fails only at this decode size
+            return torch.zeros(self.shape), f"{type(err).__name__}: {err}"
 
 
 def classify_files(
@@ -56,7 +60,9 @@ def classify_files(
     """(N, num_classes) class probabilities of `files`, NaN for a file that could not be read,
     and each file's error ("" when read)."""
     dataset = ImagesToClassify(files, model.data_config, info_bar, max_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init_fn
+    )
     model.eval()
     device = next(model.parameters()).device
     probs, errors = [], []
