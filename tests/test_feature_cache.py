@@ -84,6 +84,7 @@ def test_failed_extraction_leaves_no_entry_and_the_next_run_completes(tmp_path):
     assert np.isfinite(features).all() and np.abs(features).sum(axis=1).min() > 0
 
 
+@pytest.mark.slow  # a child process killed mid-way
 def test_extraction_killed_halfway_leaves_the_cache_usable(tmp_path):
     # A child extracts slowly and is SIGKILLed mid-way: no cleanup code runs.
     child = textwrap.dedent(f"""

@@ -55,6 +55,7 @@ def finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, stderr[-3000:]
 
 
+@pytest.mark.slow  # three train.py processes
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_sem_dir, tmp_path):
     finish(start_training(tiny_sem_dir, tmp_path / "whole"))
     whole_run, whole = metric_histories(tmp_path / "whole" / "mlruns")
@@ -102,6 +103,7 @@ def test_resume_by_mlflow_run_id_and_unknown_references(tiny_sem_dir, tmp_path):
         saved_config(OmegaConf.merge(cfg, {"resume": str(empty)}), [f"resume={empty}"])
 
 
+@pytest.mark.slow  # two training runs
 def test_the_same_config_twice_gives_identical_metrics(tiny_sem_dir, tmp_path):
     from train import train
 

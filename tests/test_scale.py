@@ -128,6 +128,7 @@ def one_process_run(tiny_sem_dir, tmp_path_factory):
     return cfg, train(cfg)
 
 
+@pytest.mark.slow  # DDP run and tracking server
 def test_ddp_is_one_run_one_output_folder_one_checkpoint_set(ddp_run):
     work_dir, stdout, client, runs = ddp_run
     assert len(runs) == 1
@@ -150,6 +151,7 @@ def test_ddp_is_one_run_one_output_folder_one_checkpoint_set(ddp_run):
     assert len(checkpoints) == 2
 
 
+@pytest.mark.slow  # DDP run and tracking server
 def test_ddp_metrics_equal_one_process(ddp_run, one_process_run):
     _, _, _, (run,) = ddp_run
     _, metrics = one_process_run
@@ -160,6 +162,7 @@ def test_ddp_metrics_equal_one_process(ddp_run, one_process_run):
         assert run.data.metrics[name] == pytest.approx(value, abs=1e-4), name
 
 
+@pytest.mark.slow  # DDP run and tracking server
 def test_sharded_feature_extraction_equals_one_process(ddp_run, one_process_run):
     work_dir, *_ = ddp_run
     cfg, _ = one_process_run
@@ -172,6 +175,7 @@ def test_sharded_feature_extraction_equals_one_process(ddp_run, one_process_run)
         np.testing.assert_allclose(np.load(ddp_entry), np.load(entry), atol=1e-5)
 
 
+@pytest.mark.slow  # DDP run and tracking server
 def test_tracking_server_stores_and_serves_the_artifacts(ddp_run, tracking_server, tmp_path):
     _, server_root = tracking_server
     _, _, client, (run,) = ddp_run
