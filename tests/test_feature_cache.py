@@ -39,6 +39,7 @@ def train_head(data_dir, cache_dir, cache: bool) -> tuple[SEMClassifier, SEMData
     return model, datamodule
 
 
+@pytest.mark.slow  # two Lite0 trainings
 def test_cached_and_uncached_training_give_the_same_head(tiny_sem_dir, tmp_path):
     cached, datamodule = train_head(tiny_sem_dir, tmp_path, cache=True)
     assert set(datamodule.features) == {"train", "val"}
@@ -124,6 +125,7 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
     return float((predicted == labels).mean())
 
 
+@pytest.mark.slow  # Lite0 features, twice
 def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
     datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, split=(0.5, 0.25, 0.25))
     model = SEMClassifier(datamodule.class_names, **LITE0)

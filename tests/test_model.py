@@ -22,6 +22,7 @@ def tiny_datamodule(data_dir, data_config, **kwargs):
     return datamodule
 
 
+@pytest.mark.slow  # trains on EfficientNet-Lite0 images
 def test_frozen_training_changes_only_the_head(tiny_sem_dir):
     L.seed_everything(0)
     datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, batch_size=16)
@@ -76,6 +77,7 @@ def linear_probe_accuracy(data_dir, pretrained: bool) -> float:
     return float((predicted == labels).mean())
 
 
+@pytest.mark.slow  # Lite0 features, twice
 def test_imagenet_weights_beat_random_weights_on_sem_images(tiny_sem_dir):
     pretrained = linear_probe_accuracy(tiny_sem_dir, pretrained=True)
     random = linear_probe_accuracy(tiny_sem_dir, pretrained=False)
