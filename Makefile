@@ -1,4 +1,4 @@
-# sem-cls: `make demo` trains on built-in data; `make test` runs the tests. Both set up .venv first.
+# sem-cls: `make demo` trains on built-in data; `make test` runs the tests. All set up .venv first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo train download test lint format ui server bench clean
+.PHONY: help venv demo train download test test-fast lint format ui server bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(STAMP)  ## lint, the import layers, then the test suite
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
+
+test-fast: $(STAMP)  ## lint, the import layers, then the tests not marked slow (no training subprocesses, DDP, sweeps)
+	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)  ## ruff lint and format check, the import layers (pyproject.toml)
 	$(PY) -m ruff check .

@@ -1,33 +1,63 @@
-"""Shared fixtures: a small generated SEM set, configs as train.py composes them, a trained run."""
+"""Shared fixtures: the network guard, a small generated SEM set, real SEM images, a trained run.
+Helpers that are not fixtures live in helpers.py."""
 
 import os
 import socket
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, SHARED, compose_config, tiny_training_overrides
+from tests.network_guard import sitecustomize as guard
+
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 # No test may reach a model hub: timm then fails at once instead of retrying for a minute.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-
 
 @pytest.fixture(scope="session", autouse=True)
-def no_network():
-    """Any connection beyond this machine fails the test that makes it (local servers are fine)."""
-    connect = socket.socket.connect
-
-    def local_only(sock, address):
-        if isinstance(address, tuple) and address[0] not in LOOPBACK:
-            raise RuntimeError(f"a test tried to reach the network: {address}")
-        return connect(sock, address)
-
+def no_network(tmp_path_factory) -> Path:
+    """Any connection beyond this machine fails the test that makes it (local servers are fine),
+    here and in every Python process a test starts: network_guard/ goes first on their PYTHONPATH.
+    Yields the file where attempts are recorded."""
+    log = tmp_path_factory.mktemp("network") / "attempts.log"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(socket.socket, "connect", local_only)
-        yield
+        patch.setattr(socket.socket, "connect", guard.local_only(socket.socket.connect))
+        patch.setattr(socket.socket, "connect_ex", guard.local_only(socket.socket.connect_ex))
+        patch.setenv("PYTHONPATH", str(Path(guard.__file__).parent), prepend=os.pathsep)
+        patch.setenv(guard.LOG_VARIABLE, str(log))
+        yield log
+
+
+@pytest.fixture(autouse=True)
+def network_attempts_fail_the_test(no_network):
+    """Fails a test whose processes tried to connect out, even where the error was caught."""
+    yield
+    if no_network.exists():
+        attempts = no_network.read_text()
+        no_network.unlink()
+        pytest.fail(f"{guard.MESSAGE}:\n{attempts}")
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data; the test is skipped only where ../shared is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: no real SEM images here")
+    folder = SHARED / "data" / name
+    assert folder.is_dir(), f"{folder} is missing although {SHARED} is present"
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_sem_dir() -> Path:
+    """Real SEM images: NFFA crops by class, and external/ images of other origins."""
+    return shared_data("sem-real")
+
+
+@pytest.fixture(scope="session")
+def sem_bars_dir() -> Path:
+    """Real SEM images with their info bars, and bars.tsv: where each bar starts."""
+    return shared_data("sem-bars")
 
 
 # Small enough for seconds per epoch, large enough for every class in every split.
@@ -42,47 +72,6 @@ def tiny_sem_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthetic"
     generate_dataset(root, images_per_class=TINY_IMAGES_PER_CLASS, seed=0, size=TINY_SIZE)
     return root
-
-
-def split_manifest(data_dir: Path, manifest: Path | None = None, **settings):
-    """The SplitManifest of `data_dir` (ingested in this process), built with `settings` as
-    SplitManifest.build takes them, or read from `manifest`."""
-    from sem_cls.data.ingest import ingest
-    from sem_cls.data.manifest import SplitManifest
-
-    ingested = ingest(data_dir, workers=1, progress=False)
-    if manifest is not None:
-        return SplitManifest.read(manifest, ingested)
-    return SplitManifest.build(ingested, **settings)
-
-
-def compose_config(name: str, work_dir: Path, overrides: list[str] = ()):
-    """The config train.py or eval.py would see, with every output under `work_dir`."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name=name,
-            overrides=[
-                f"paths.output_dir={work_dir / 'output'}",
-                f"paths.mlruns_dir={work_dir / 'mlruns'}",
-                f"paths.log_dir={work_dir / 'logs'}",
-                f"paths.cache_dir={work_dir / 'cache'}",
-                *overrides,
-            ],
-        )
-
-
-def tiny_training_overrides(data_dir: Path) -> list[str]:
-    """The demo experiment, shrunk to the tiny set and two epochs."""
-    return [
-        "experiment=demo",
-        f"data.data_dir={data_dir}",
-        "data.synthetic=null",
-        "data.num_workers=0",
-        "data.batch_size=16",
-        "trainer.max_epochs=2",
-        "trainer.enable_progress_bar=false",
-        "registry.name=sem-cls-tiny",  # the best model registered, as models:/sem-cls-tiny@champion
-    ]
 
 
 @pytest.fixture(scope="session")

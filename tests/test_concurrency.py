@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import ROOT, tiny_training_overrides
+from tests.helpers import ROOT, tiny_training_overrides
 
 # Each process does its slow imports first, then waits for the gate file: released together,
 # they reach Hydra's run folder and MLflow's store within milliseconds of each other.

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sem_cls.errors import UserError
-from tests.conftest import ROOT, compose_config, tiny_training_overrides
+from tests.helpers import ROOT, compose_config, tiny_training_overrides
 from tests.test_entry_points import assert_user_error, run
 
 TRAIN_CASES = {

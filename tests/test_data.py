@@ -1,7 +1,5 @@
 """The data module's split and the info-bar crop."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,9 +8,7 @@ from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.splits import group_split
 from sem_cls.data.synthetic import CLASSES, render_image
 from sem_cls.errors import DataNotFoundError, UserError
-from tests.conftest import split_manifest
-
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "sem-real"
+from tests.helpers import split_manifest
 
 
 def test_split_is_stratified_disjoint_and_seeded():
@@ -77,12 +73,12 @@ def test_fixed_and_no_crop_modes():
         InfoBarCrop("top")
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="shared real SEM images not present")
-def test_real_sem_bars_are_cropped_and_clean_images_kept():
+def test_real_sem_bars_are_cropped_and_clean_images_kept(real_sem_dir):
     crop = InfoBarCrop("auto")
-    with Image.open(REAL / "Nanowires" / "L6_0a6f18702a4a32677c74ed390f3af7af.jpg") as image:
+    nffa = real_sem_dir / "Nanowires" / "L6_0a6f18702a4a32677c74ed390f3af7af.jpg"
+    with Image.open(nffa) as image:
         # This NFFA image's white bar starts at row 630.
         assert abs(crop.crop_box(image)[3] - 630) <= 3
-    for path in sorted((REAL / "external" / "Nanowires").glob("*.png")):
+    for path in sorted((real_sem_dir / "external" / "Nanowires").glob("*.png")):
         with Image.open(path) as image:
             assert crop.crop_box(image) == (0, 0, *image.size), path.name

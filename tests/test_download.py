@@ -20,8 +20,9 @@ from sem_cls.data.download import (
     download_from_config,
     record_files,
 )
+from sem_cls.data.synthetic import CLASSES as KNOWN_CLASSES
 from sem_cls.errors import UserError
-from tests.conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 CLASSES = ("Biological", "Fibres", "Tips")
 RECORD_ID = "0123456789abcdef0123456789abcdef"
@@ -297,16 +298,11 @@ def variants() -> list[str]:
 def test_variant_config_composes(variant, tmp_path):
     cfg = compose_config("download", tmp_path, [f"download={variant}"])
     assert Path(cfg.target_dir) == ROOT / "data" / variant
-    assert cfg.download.base_url == "https://b2share.eudat.eu"
-    assert re.fullmatch(r"[0-9a-f]{32}|[0-9a-z]{5}-[0-9a-z]{5}", cfg.download.record_id)
-    assert [f.removesuffix(".tar") for f in cfg.download.files] == [
-        "Biological", "Fibres", "Films_Coated_Surface", "MEMS_devices_and_electrodes",
-        "Nanowires", "Particles", "Patterned_surface", "Porous_Sponge", "Powder", "Tips",
-    ]  # fmt: skip
+    # One archive per class the project knows: a variant that left one out would train on nine.
+    assert sorted(f.removesuffix(".tar") for f in cfg.download.files) == sorted(KNOWN_CLASSES)
 
 
 def test_default_variant_lands_where_training_reads(serve, tars, tmp_path):
-    assert variants() == ["nffa", "nffa_2017", "nffa_majority"]
     train = compose_config("train", tmp_path)
     fake = serve(tars)
     overrides = [

@@ -1,35 +1,7 @@
 """train.py and eval.py as a user runs them: user errors end in one clear message."""
 
-import os
-import subprocess
-import sys
-
-from tests.conftest import ROOT
-
-
-def run(script: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / script),
-            f"paths.mlruns_dir={tmp_path / 'mlruns'}",
-            f"paths.log_dir={tmp_path / 'logs'}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *phrases: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    for phrase in phrases:
-        assert phrase in result.stderr, result.stderr[-2000:]
+from tests.helpers import assert_user_error
+from tests.helpers import run_entry_point as run
 
 
 def test_missing_data_says_where_to_put_it_and_how_to_run_the_demo(tmp_path):

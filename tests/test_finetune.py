@@ -13,7 +13,7 @@ from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
 from sem_cls.models.finetune import backbone_stages, warmup_cosine
-from tests.conftest import split_manifest
+from tests.helpers import split_manifest
 
 # Small inputs keep a ResNet-18 epoch on the tiny set to a second or two.
 SMALL = dict(
@@ -59,6 +59,7 @@ def stage_of(model) -> dict[str, int]:
     return {key: module_stage[key.rpartition(".")[0]] for key in model.backbone.state_dict()}
 
 
+@pytest.mark.slow  # fine-tunes a ResNet-18
 def test_last_n_stages_learn_and_the_rest_stay_bitwise_equal(tiny_sem_dir):
     model, changed = fit(tiny_sem_dir, freeze=2)
     stages = stage_of(model)
@@ -70,12 +71,14 @@ def test_last_n_stages_learn_and_the_rest_stay_bitwise_equal(tiny_sem_dir):
     assert isinstance(model.backbone.layer4[0].bn1, torch.nn.BatchNorm2d)
 
 
+@pytest.mark.slow  # fine-tunes a ResNet-18
 def test_freeze_none_trains_every_backbone_tensor(tiny_sem_dir):
     model, changed = fit(tiny_sem_dir, freeze="none")
     every = set(model.backbone.state_dict())
     assert changed == every
 
 
+@pytest.mark.slow  # fine-tunes a ResNet-18
 def test_unfreezing_after_k_epochs_switches_at_epoch_k(tiny_sem_dir):
     class Watch(L.Callback):
         def __init__(self):

@@ -14,9 +14,8 @@ from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.images import open_image
 from sem_cls.data.ingest import check_image, ingest
 from sem_cls.data.manifest import labelled_samples
-from tests.conftest import compose_config, split_manifest, tiny_training_overrides
+from tests.helpers import IMAGE_SUFFIXES, compose_config, split_manifest, tiny_training_overrides
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "sem-real"
 BAD_FILES = {
     "Particles/truncated.jpg": "truncated",
     "Particles/empty.jpg": "empty",
@@ -115,7 +114,6 @@ def test_empty_class_folder_is_left_out_with_a_warning(tiny_sem_dir, tmp_path, c
     assert "no usable image, left out: Unlabelled" in caplog.text
 
 
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="shared real SEM images not present")
 # Where the real images' bars start (None: no bar), read off the images by eye.
 REAL_BARS = {
     "Nanowires/L6_0a6f18702a4a32677c74ed390f3af7af.jpg": 630,  # white NFFA bar
@@ -124,13 +122,12 @@ REAL_BARS = {
 }
 
 
-@needs_real
-def test_every_real_image_decodes_and_bars_are_cropped_only_where_they_are():
-    paths = [p for p in sorted(REAL.rglob("*")) if p.suffix.lower() in (".jpg", ".png", ".tif")]
+def test_every_real_image_decodes_and_bars_are_cropped_only_where_they_are(real_sem_dir):
+    paths = [p for p in sorted(real_sem_dir.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
     assert len(paths) >= 50
     for path in paths:
         record = check_image(path)
-        relative = path.relative_to(REAL).as_posix()
+        relative = path.relative_to(real_sem_dir).as_posix()
         assert record["error"] == "", relative
         expected = REAL_BARS.get(relative)
         if expected is None:
@@ -140,15 +137,14 @@ def test_every_real_image_decodes_and_bars_are_cropped_only_where_they_are():
             assert abs(record["bar_top"] - expected) <= 4, relative
 
 
-@needs_real
-def test_real_external_folder_loads_cropped_for_a_model(tiny_sem_dir):
+def test_real_external_folder_loads_cropped_for_a_model(tiny_sem_dir, real_sem_dir):
     datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0)
     datamodule.data_config = dict(
         input_size=(3, 224, 224), interpolation="bicubic", crop_pct=0.875, crop_mode="center",
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
     )  # fmt: skip
     datamodule.setup()
-    samples = labelled_samples(ingest(REAL / "external"), datamodule.class_names, "auto")
+    samples = labelled_samples(ingest(real_sem_dir / "external"), datamodule.class_names, "auto")
     assert len(samples) == 42
     blood = next(s for s in samples if s.path.name == "SEM_image_of_blood_cells.jpg")
     assert blood.size == (1000, 1063) and abs(blood.crop_box[3] - 1001) <= 4

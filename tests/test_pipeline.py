@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sem_cls.data.manifest import fingerprint, read_manifest
-from tests.conftest import compose_config
+from tests.helpers import artifact_paths, compose_config
 
 METRICS = [
     "train/loss",
@@ -22,13 +22,6 @@ METRICS = [
     "test/acc_top3",
     "test/f1_macro",
 ]
-
-
-def artifact_paths(client, run_id, path=""):
-    paths = []
-    for item in client.list_artifacts(run_id, path):
-        paths += artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
-    return paths
 
 
 def test_run_finishes_with_every_metric_per_epoch(trained_run):

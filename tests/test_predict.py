@@ -15,9 +15,7 @@ from PIL import Image
 from sem_cls.errors import UserError
 from sem_cls.predict import check_output, predict, write_predictions
 from sem_cls.registry import _tracking
-from tests.conftest import ROOT, compose_config
-
-SEM_REAL = ROOT.parent / "shared" / "data" / "sem-real"
+from tests.helpers import IMAGE_SUFFIXES, ROOT, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +129,9 @@ def test_checkpoint_registered_model_and_evaluation_agree(trained_run, mixed_fol
     np.testing.assert_allclose(probabilities(predicted), probabilities(evaluated), atol=1e-3)
 
 
-@pytest.mark.skipif(not SEM_REAL.is_dir(), reason="no real SEM images in ../shared/data/sem-real")
-def test_predict_on_real_sem_images(trained_run, tmp_path):
-    rows = run_predict(trained_run, tmp_path, best_checkpoint(trained_run[0]), SEM_REAL)
-    images = [p for p in SEM_REAL.rglob("*") if p.suffix.lower() in {".jpg", ".png", ".tif"}]
+def test_predict_on_real_sem_images(trained_run, real_sem_dir, tmp_path):
+    rows = run_predict(trained_run, tmp_path, best_checkpoint(trained_run[0]), real_sem_dir)
+    images = [p for p in real_sem_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
     assert len(rows) == len(images)
     assert all(row["error"] == "" and row["predicted_class"] for row in rows)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, compose_config, tiny_training_overrides
+from tests.helpers import ROOT, compose_config, tiny_training_overrides
 
 EPOCHS = 4
 
@@ -56,6 +56,7 @@ def finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, stderr[-3000:]
 
 
+@pytest.mark.slow  # three train.py processes
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_sem_dir, tmp_path):
     finish(start_training(tiny_sem_dir, tmp_path / "whole"))
     whole_run, whole = metric_histories(tmp_path / "whole" / "mlruns")
@@ -147,6 +148,7 @@ def test_resume_by_mlflow_run_id_and_unknown_references(tiny_sem_dir, tmp_path):
         saved_config(OmegaConf.merge(cfg, {"resume": str(empty)}), [f"resume={empty}"])
 
 
+@pytest.mark.slow  # two training runs
 def test_the_same_config_twice_gives_identical_metrics(tiny_sem_dir, tmp_path):
     from train import train
 
@@ -199,13 +201,6 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(UserError, match="not a sem-cls checkpoint"):
         load_checkpoint(bad)
     assert not marker.exists()
-
-
-def test_tests_cannot_reach_the_network():
-    import socket
-
-    with pytest.raises(RuntimeError, match="tried to reach the network"):
-        socket.create_connection(("192.0.2.1", 80), timeout=1)
 
 
 def test_reproduce_runs_a_saved_config_as_a_new_run(tiny_sem_dir, tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose_config, tiny_training_overrides
+from tests.helpers import ROOT, artifact_paths, compose_config, tiny_training_overrides
 
 # One batch holds the whole training split, in one process or split over two ranks, so both
 # take the same gradient steps whatever the order the samplers draw in.
@@ -29,13 +29,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def artifact_paths(client, run_id, path=""):
-    paths = []
-    for item in client.list_artifacts(run_id, path):
-        paths += artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
-    return paths
 
 
 def train_py(work_dir: Path, *overrides: str, flags=()) -> subprocess.CompletedProcess:
@@ -135,6 +128,7 @@ def one_process_run(tiny_sem_dir, tmp_path_factory):
     return cfg, train(cfg)
 
 
+@pytest.mark.slow  # DDP run and tracking server
 def test_ddp_is_one_run_one_output_folder_one_checkpoint_set(ddp_run):
     work_dir, stdout, client, runs = ddp_run
     assert len(runs) == 1
@@ -157,6 +151,7 @@ def test_ddp_is_one_run_one_output_folder_one_checkpoint_set(ddp_run):
     assert len(checkpoints) == 2
 
 
+@pytest.mark.slow  # DDP run and tracking server
 def test_ddp_metrics_equal_one_process(ddp_run, one_process_run):
     _, _, _, (run,) = ddp_run
     _, metrics = one_process_run
@@ -167,6 +162,7 @@ def test_ddp_metrics_equal_one_process(ddp_run, one_process_run):
         assert run.data.metrics[name] == pytest.approx(value, abs=1e-4), name
 
 
+@pytest.mark.slow  # DDP run and tracking server
 def test_sharded_feature_extraction_equals_one_process(ddp_run, one_process_run):
     work_dir, *_ = ddp_run
     cfg, _ = one_process_run
@@ -179,6 +175,7 @@ def test_sharded_feature_extraction_equals_one_process(ddp_run, one_process_run)
         np.testing.assert_allclose(np.load(ddp_entry), np.load(entry), atol=1e-5)
 
 
+@pytest.mark.slow  # DDP run and tracking server
 def test_tracking_server_stores_and_serves_the_artifacts(ddp_run, tracking_server, tmp_path):
     _, server_root = tracking_server
     _, _, client, (run,) = ddp_run
@@ -264,5 +261,4 @@ def test_gpu_config_trains_in_mixed_precision(tmp_path):
     # Without a GPU, Lightning still checks the precision setting on a CPU trainer.
     device = [] if torch.cuda.is_available() else ["trainer.accelerator=cpu"]
     cfg = compose_config("train", tmp_path, ["trainer=gpu", "logger=none", *device])
-    assert cfg.trainer.precision == "bf16-mixed"
     assert hydra.utils.instantiate(cfg.trainer).precision == "bf16-mixed"

@@ -14,7 +14,7 @@ from sem_cls.data.ingest import check_image
 from sem_cls.data.manifest import fingerprint, read_manifest
 from sem_cls.data.splits import NEAR_DUPLICATE_BITS, duplicate_groups
 from sem_cls.errors import UserError
-from tests.conftest import split_manifest
+from tests.helpers import split_manifest
 
 
 def near_copies(image: Image.Image) -> dict[str, Image.Image]:

