@@ -26,6 +26,7 @@ from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import check_image
 from sem_cls.errors import UserError
 from sem_cls.evaluation.scores import top_k
+from sem_cls.models.engines import TorchEngine, create_engine
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +92,17 @@ def classify_files(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     model.eval()
     device = next(model.parameters()).device
+    # A frozen backbone runs as the feature cache ran it for training and evaluation (its
+    # engine, bf16 with data.bf16), so the head sees the features it was fit on.
+    engine = (model.engine or TorchEngine(model.backbone, bf16)) if model.frozen else None
     probs, errors = [], []
     bar = tqdm(total=len(files), desc="Classifying", unit="image", disable=not progress)
     with torch.inference_mode(), bar:
         for images, batch_errors in loader:
             images = images.to(device)
-            # A frozen backbone runs as the feature cache ran it for training and evaluation
-            # (bf16 autocast with data.bf16), so the head sees the features it was fit on.
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and model.frozen):
-                features, _ = model.backbone_features(images)  # (B, 3, H, W) -> (B, num_features)
-            probs.append(model.head(features.float()).float().softmax(dim=1).cpu())
+            # (B, 3, H, W) -> (B, num_features)
+            features = engine(images) if engine else model.backbone_features(images)[0]
+            probs.append(model.head(features.to(device)).float().softmax(dim=1).cpu())
             errors += batch_errors
             bar.update(len(images))
     probs = torch.cat(probs).double().numpy()
@@ -164,6 +166,17 @@ def predict(cfg) -> Path:
     info_bar = cfg.info_bar if cfg.info_bar is not None else recorded.get("info_bar", "auto")
     bf16 = cfg.bf16 if cfg.bf16 is not None else recorded.get("bf16", True)
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    engine = cfg.get("engine") or recorded.get("engine", "torch")
+    if engine != "torch":
+        model.use_engine(
+            create_engine(
+                engine,
+                model.backbone.to(device),
+                tuple(model.data_config["input_size"]),
+                bf16,
+                Path(cfg.paths.cache_dir) / "engines",
+            )
+        )
     probs, errors = classify_files(
         model.to(device),
         files,

@@ -19,6 +19,7 @@ import torch
 
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
+from sem_cls.models.engines import create_engine
 from sem_cls.tracking import mlflow_loggers
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,19 @@ class PyfuncClassifier:
     it `uncertain`.
     """
 
-    def __init__(self, model: SEMClassifier, settings: dict):
+    def __init__(self, model: SEMClassifier, settings: dict, data_path: Path | None = None):
         self.model = model.eval()
         self.settings = settings
+        if settings.get("engine", "torch") != "torch":
+            # The converted backbone travels in the model's data folder (see log_best_model).
+            engine = create_engine(
+                settings["engine"],
+                model.backbone,
+                tuple(model.data_config["input_size"]),
+                settings["bf16"],
+                data_path,
+            )
+            model.use_engine(engine)
 
     def predict(self, model_input, params: dict | None = None):
         import pandas as pd
@@ -136,7 +147,7 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> PyfuncClas
     """MLflow's entry point for this model flavour (loader_module)."""
     model, _ = load_checkpoint(Path(data_path) / CHECKPOINT_FILE)
     settings = json.loads((Path(data_path) / SETTINGS_FILE).read_text())
-    return PyfuncClassifier(model, settings)
+    return PyfuncClassifier(model, settings, Path(data_path))
 
 
 def _signature(class_names: list[str]):
@@ -202,6 +213,7 @@ def log_best_model(trainer, datamodule, registry=None) -> list[str]:
         "info_bar": datamodule.info_bar.mode,
         "max_pixels": datamodule.max_pixels,
         "bf16": bool(datamodule.bf16 and datamodule.cache_features and model.frozen),
+        "engine": model.engine.name if model.engine else "torch",
         "checkpoint": Path(best).name,
     }
     example = _input_example(datamodule)
@@ -212,6 +224,9 @@ def log_best_model(trainer, datamodule, registry=None) -> list[str]:
             data = Path(tmp) / DATA_DIR
             data.mkdir()
             shutil.copyfile(best, data / CHECKPOINT_FILE)
+            if settings["engine"] == "openvino":  # converted once, in training; not on load
+                for part in model.engine.files:
+                    shutil.copyfile(part, data / part.name)
             (data / SETTINGS_FILE).write_text(
                 json.dumps({**settings, "trained_run_id": logger.run_id}, indent=2)
             )

@@ -17,6 +17,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.models.classifier import SEMClassifier
+from sem_cls.models.engines import TorchEngine
 from sem_cls.models.feature_cache import FeatureCache
 from tests.conftest import ROOT
 
@@ -32,7 +33,7 @@ def train_head(data_dir, cache_dir, cache: bool) -> tuple[SEMClassifier, SEMData
         datamodule.class_names, **LITE0, optimizer=lambda params: torch.optim.Adam(params, 1e-2)
     )
     datamodule.data_config = model.data_config
-    datamodule.frozen_backbone = model.backbone
+    datamodule.frozen_model = model
     datamodule.cache_features = cache
     trainer = L.Trainer(
         max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
@@ -73,9 +74,8 @@ def tiny_backbone(seed=0):
 
 
 def cached(cache, backbone, preprocessing="p", digests=("a", "b", "c", "d", "e", "f"), **kw):
-    return cache.features(
-        backbone, {"resize": preprocessing}, Images(**kw), list(digests), 2, 0, False
-    )
+    engine = TorchEngine(backbone, bf16=False)
+    return cache.features(engine, {"resize": preprocessing}, Images(**kw), list(digests), 2, 0)
 
 
 def test_cache_hits_only_when_nothing_that_changes_features_changed(tmp_path):
@@ -162,13 +162,12 @@ def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
     accuracy, features = {}, {}
     for bf16 in (False, True):
         features[bf16] = FeatureCache(tmp_path).features(
-            model.backbone,
+            TorchEngine(model.backbone, bf16),
             {},
             datamodule.image_dataset(samples),
             [s.sha256 for s in samples],
             16,
             0,
-            bf16,
         )
         accuracy[bf16] = linear_probe_accuracy(np.asarray(features[bf16]), labels)
     print(f"linear probe accuracy: fp32 {accuracy[False]:.4f}, bf16 {accuracy[True]:.4f}")

@@ -16,6 +16,7 @@ from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, open_image
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import INGEST_VERSION, Ingest, ingest
 from sem_cls.errors import DataNotFoundError, UserError
+from sem_cls.models.engines import ENGINES, create_engine
 from sem_cls.models.feature_cache import FeatureCache
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class SEMDataModule(L.LightningDataModule):
         cache_features: bool = True,
         cache_dir: str | None = None,
         bf16: bool = True,
+        engine: str = "torch",
         synthetic: dict | None = None,
         missing_hint: str = "",
         folds: int | None = None,
@@ -117,6 +119,8 @@ class SEMDataModule(L.LightningDataModule):
         super().__init__()
         if sampler not in SAMPLERS:
             raise UserError(f"data.sampler={sampler!r} is not one of {list(SAMPLERS)}.")
+        if engine not in ENGINES:
+            raise UserError(f"data.engine={engine!r} is not one of {list(ENGINES)}.")
         self.data_dir = Path(data_dir)
         self.split_ratios = tuple(split)
         self.seed = seed
@@ -127,6 +131,7 @@ class SEMDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.feature_cache = FeatureCache(self.cache_dir / "features") if cache_dir else None
         self.bf16 = bf16
+        self.engine = engine
         self.synthetic = synthetic
         self.missing_hint = missing_hint
         self.folds, self.fold = folds, fold
@@ -137,8 +142,8 @@ class SEMDataModule(L.LightningDataModule):
         # Training-time augmentation (sem_cls.data.augment); off: {} or None.
         self.augment = dict(augment or {})
         self.data_config: dict | None = None
-        # Set to the backbone when it is frozen: batches are then its cached features.
-        self.frozen_backbone: torch.nn.Module | None = None
+        # Set to the model when its backbone is frozen: batches are then its cached features.
+        self.frozen_model = None
         self.features: dict[str, np.ndarray] = {}
         self.samples: dict[str, list[Sample]] = {}
         self.manifest: list[dict] = []
@@ -148,7 +153,35 @@ class SEMDataModule(L.LightningDataModule):
     def attach_model(self, model) -> None:
         """Use the model's input size and normalisation, and its features when frozen."""
         self.data_config = model.data_config
-        self.frozen_backbone = model.backbone if model.frozen else None
+        self.frozen_model = model if model.frozen else None
+        if self.engine != "torch" and not model.frozen:
+            raise UserError(
+                f"data.engine={self.engine} serves a frozen backbone's feature extraction; "
+                f"model.freeze={model.hparams.freeze!r} fine-tunes it, which runs on torch. Set "
+                "data.engine=torch, or model.freeze=all for a linear probe."
+            )
+
+    def feature_engine(self):
+        """The frozen model's feature engine (data.engine), built on first use, once the
+        backbone sits on its device; the model runs its backbone with it too."""
+        model = self.frozen_model
+        if model.engine is None:
+            on_gpu = next(model.backbone.parameters()).device.type != "cpu"
+            kind = self.engine
+            if kind != "torch" and on_gpu:
+                log.warning("data.engine=%s runs on CPU only; this GPU run uses torch.", kind)
+                kind = "torch"
+            model.use_engine(
+                create_engine(
+                    kind,
+                    model.backbone,
+                    tuple(self.data_config["input_size"]),
+                    self.bf16,
+                    self.cache_dir / "engines" if self.cache_dir else None,
+                    self.feature_cache.weights(model.backbone) if self.feature_cache else None,
+                )
+            )
+        return model.engine
 
     def prepare_data(self) -> None:
         """Generate the built-in dataset when configured, then check every file (once; cached)."""
@@ -297,7 +330,7 @@ class SEMDataModule(L.LightningDataModule):
             sem_train_transform(self.data_config, **self.augment) if self.augment else None
         )
         self.use_cache = bool(
-            self.frozen_backbone is not None and self.cache_features and self.feature_cache
+            self.frozen_model is not None and self.cache_features and self.feature_cache
         )
         if not self.use_cache:
             log.info("Feature cache off: the backbone runs on every batch of every epoch.")
@@ -312,14 +345,13 @@ class SEMDataModule(L.LightningDataModule):
                 "transform": repr(self.transform),
             }
             self.features[split] = self.feature_cache.features(
-                self.frozen_backbone,
+                self.feature_engine(),
                 preprocessing,
                 self.image_dataset(samples),
                 # Content and crop: the same bytes cropped otherwise give other features.
                 [f"{s.sha256}:{s.crop_box}" for s in samples],
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
-                bf16=self.bf16,
                 # Under DDP the ranks share the extraction (each a slice of the images).
                 strategy=self.trainer.strategy if self.trainer is not None else None,
             )
