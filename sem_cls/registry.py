@@ -31,7 +31,7 @@ CHECKPOINT_FILE, SETTINGS_FILE = "checkpoint.ckpt", "settings.json"
 # What loading and predicting import; pinned to the versions that trained the model.
 REQUIREMENTS = (
     "torch", "torchvision", "timm", "lightning", "torchmetrics", "numpy", "scipy", "pillow",
-    "imagehash", "pandas", "mlflow",
+    "imagehash", "pandas", "mlflow", "openvino",
 )  # fmt: skip
 EXAMPLE_SIDE = 320  # the input example is a real test image, reduced to keep the artifact small
 
