@@ -75,6 +75,7 @@ class OpenVINOEngine:
         if bf16 and not native_bf16:
             log.info("This CPU has no native bf16 (AVX512-BF16/AMX): OpenVINO runs in f32.")
         self.precision = "bf16" if bf16 and native_bf16 else "fp32"
+        self.backbone = backbone  # what the converted model was made from
         self.num_features = backbone.num_features
         self.input_size = tuple(input_size)
         description = {
