@@ -2,10 +2,10 @@
 
     python bench/engines_e2e.py --data /tmp/sem2000 [--images-per-class 200] [--runs 1]
 
-Generates the 1024x768 JPEG set into --data once (reused after). A first openvino run fills the
-ingest and converted-model caches; then the engines take turns (interleaved, --runs each), each
-with the feature cache emptied before it, so every timed run extracts every image. Random
-weights (model.pretrained=false): they do not change the speed.
+Generates the 1024x768 JPEG set into --data unless that folder exists (then used as it is).
+A first openvino run fills the ingest and converted-model caches; then the engines take turns
+(interleaved, --runs each), each with the feature cache emptied before it, so every timed run
+extracts every image. Random weights (model.pretrained=false): they do not change the speed.
 """
 
 import argparse
@@ -46,7 +46,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="more train.py overrides")
     args = parser.parse_args()
 
-    generate_dataset(args.data, images_per_class=args.images_per_class)
+    if not args.data.exists():  # an existing <Class>/ folder is used as it is
+        generate_dataset(args.data, images_per_class=args.images_per_class)
+    images = sum(1 for p in args.data.rglob("*.jpg"))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         seconds = train(args.data, work, "openvino", args.overrides)
@@ -58,7 +60,6 @@ def main() -> None:
                 times[engine].append(train(args.data, work, engine, args.overrides))
                 print(f"{engine}: {times[engine][-1]:.1f} s", flush=True)
     best = {engine: min(values) for engine, values in times.items()}
-    images = args.images_per_class * 10
     print(f"\ntrain.py, {images} JPEGs of 1024x768, frozen InceptionV3, cold feature cache")
     for engine in ENGINES:
         print(f"{engine:9} {best[engine]:7.1f} s  {images / best[engine]:6.1f} img/s")
