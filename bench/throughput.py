@@ -94,9 +94,11 @@ def main() -> None:
         for _ in range(args.runs):
             for name, run in engines.items():
                 alone[name] = max(alone[name], backbone_alone(run, images, args.batches))
+                print(f"backbone alone, {name}: {alone[name]:.1f} img/s", flush=True)
             for name, run in engines.items():
                 speed = pipeline(run, dataset, args.batch_size, args.num_workers)
                 full[name] = max(full[name], speed)
+                print(f"pipeline, {name}: {speed:.1f} img/s", flush=True)
 
     ceiling = alone["ceiling bf16 (plain eval model)"]
     torch_bf16 = alone["torch bf16"], full["torch bf16"]
