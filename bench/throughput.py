@@ -1,16 +1,17 @@
-"""Backbone throughput: the ceiling on random tensors vs the full pipeline from JPEG files.
+"""Feature-extraction engines side by side: the backbone alone and the whole extraction pipeline.
 
-    python bench/throughput.py [--images-per-class 16] [--batch-size 32] [--num-workers 1]
+    python bench/throughput.py [--backbone inception_v3] [--images 160] [--runs 3]
 
-The pipeline is what feature extraction runs: decode, info-bar crop, resize, backbone. Weights
-do not change the speed, so InceptionV3 runs with random ones (its ImageNet weights need the hub).
+Every variant runs interleaved in one process (best of --runs), so a busy machine slows all of
+them alike and the ratios hold. The ceiling is the plain eval-mode timm model with bf16 autocast,
+built here, not through the project. The pipeline is what feature extraction runs: decode,
+info-bar crop, resize, backbone. Weights do not change the speed, so they are random.
 """
 
 import argparse
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import timm
@@ -19,83 +20,104 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
+from sem_cls.data.engines import TorchEngine, create_engine  # noqa: E402
 from sem_cls.data.features import extract_features  # noqa: E402
 from sem_cls.data.ingest import ingest  # noqa: E402
 from sem_cls.data.manifest import SplitManifest  # noqa: E402
 from sem_cls.data.synthetic import generate_dataset  # noqa: E402
-
-BACKBONES = ["inception_v3", "tf_efficientnet_lite0"]
-
-
-@torch.inference_mode()
-def ceiling(backbone, input_size, batch_size: int, batches: int, bf16: bool) -> float:
-    """img/s of the backbone alone on random (B, 3, H, W) batches, channels_last."""
-    images = torch.randn(batch_size, *input_size).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        backbone(images)  # warm-up: oneDNN picks its kernels on the first call
-        start = time.perf_counter()
-        for _ in range(batches):
-            backbone(images)
-    return batch_size * batches / (time.perf_counter() - start)
+from sem_cls.models.classifier import SEMClassifier  # noqa: E402
 
 
-def best_of(runs: int, measure) -> float:
-    # Shared machines wobble; the best of a few runs is the repeatable figure.
-    return max(measure() for _ in range(runs))
+class PlainModel:
+    """The timm model in eval mode, bf16 autocast if asked: the ceiling."""
+
+    def __init__(self, backbone, bf16: bool):
+        self.backbone, self.bf16 = backbone, bf16
+
+    @torch.inference_mode()
+    def __call__(self, images):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.backbone(images.contiguous(memory_format=torch.channels_last)).float()
 
 
-def pipeline(backbone, datamodule, batch_size: int, num_workers: int, bf16: bool) -> float:
-    """img/s of decode + crop + resize + backbone over every image; run after `ceiling`."""
-    samples = [sample for split in datamodule.samples.values() for sample in split]
-    dataset = datamodule.image_dataset(samples)
-    out = torch.empty(len(dataset), backbone.num_features).numpy()
+def backbone_alone(run, images: torch.Tensor, batches: int) -> float:
     start = time.perf_counter()
-    extract_features(backbone, dataset, batch_size, num_workers, bf16, out)
+    for _ in range(batches):
+        run(images)
+    return len(images) * batches / (time.perf_counter() - start)
+
+
+def pipeline(engine, dataset, batch_size: int, num_workers: int) -> float:
+    out = torch.empty(len(dataset), engine.num_features).numpy()
+    start = time.perf_counter()
+    extract_features(engine, dataset, batch_size, num_workers, out)
     return len(dataset) / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images-per-class", type=int, default=16)
+    parser.add_argument("--backbone", default="inception_v3")
+    parser.add_argument("--images", type=int, default=160, help="1024x768 JPEGs in the pipeline")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=2, help="best of this many runs")
+    parser.add_argument("--batches", type=int, default=3, help="per backbone-alone measurement")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3, help="best of this many runs")
     args = parser.parse_args()
 
-    data_dir = Path(tempfile.mkdtemp()) / "synthetic"
-    generate_dataset(data_dir, images_per_class=args.images_per_class)
-    rows = []
-    for name in BACKBONES:
-        backbone = timm.create_model(name, pretrained=False, num_classes=0).eval()
-        backbone = backbone.to(memory_format=torch.channels_last)
-        timm.utils.freeze(backbone)
+    # The project's frozen model, as train.py builds it.
+    model = SEMClassifier([str(i) for i in range(10)], backbone=args.backbone, pretrained=False)
+    input_size = tuple(model.data_config["input_size"])
+    plain = timm.create_model(args.backbone, pretrained=False, num_classes=0).eval()
+    plain = plain.to(memory_format=torch.channels_last)
+    plain.load_state_dict(model.backbone.state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        openvino = create_engine("openvino", model.backbone, input_size, True, Path(tmp))
+        engines = {
+            "ceiling bf16 (plain eval model)": PlainModel(plain, True),
+            "ceiling fp32 (plain eval model)": PlainModel(plain, False),
+            "torch bf16": TorchEngine(model.backbone, True),
+            "torch fp32": TorchEngine(model.backbone, False),
+            f"openvino {openvino.precision}": openvino,
+        }
+        data_dir = Path(tmp) / "synthetic"
+        generate_dataset(data_dir, images_per_class=max(1, args.images // 10))
         manifest = SplitManifest.build(ingest(data_dir), ratios=(0.8, 0.1, 0.1))
-        datamodule = SEMDataModule(manifest)
-        datamodule.data_config = timm.data.resolve_model_data_config(backbone)
+        datamodule = SEMDataModule(manifest, cache_features=False)
+        datamodule.attach_model(model)
         datamodule.setup()
-        input_size = datamodule.data_config["input_size"]
-        for bf16 in (False, True):
-            # As many images as the pipeline runs, in full batches.
-            batches = max(2, args.images_per_class * 10 // args.batch_size)
-            top = best_of(
-                args.runs, partial(ceiling, backbone, input_size, args.batch_size, batches, bf16)
-            )
-            full = best_of(
-                args.runs,
-                partial(pipeline, backbone, datamodule, args.batch_size, args.num_workers, bf16),
-            )
-            rows.append((name, input_size[-1], "bf16" if bf16 else "fp32", top, full))
+        samples = [sample for split in datamodule.samples.values() for sample in split]
+        dataset = datamodule.image_dataset(samples)
 
-    images = args.images_per_class * 10
+        images = torch.randn(args.batch_size, *input_size)
+        alone = {name: 0.0 for name in engines}
+        full = {name: 0.0 for name in engines}
+        for run in engines.values():
+            run(images)  # warm-up: kernels are picked on the first call
+        for _ in range(args.runs):
+            for name, run in engines.items():
+                alone[name] = max(alone[name], backbone_alone(run, images, args.batches))
+                print(f"backbone alone, {name}: {alone[name]:.1f} img/s", flush=True)
+            for name, run in engines.items():
+                speed = pipeline(run, dataset, args.batch_size, args.num_workers)
+                full[name] = max(full[name], speed)
+                print(f"pipeline, {name}: {speed:.1f} img/s", flush=True)
+
+    ceiling = alone["ceiling bf16 (plain eval model)"]
+    torch_bf16 = alone["torch bf16"], full["torch bf16"]
     print(
-        f"\n{images} JPEGs of 1024x768, batch {args.batch_size}, {args.num_workers} workers, ",
-        end="",
+        f"\n{args.backbone} {input_size[-1]} px, batch {args.batch_size}, {torch.get_num_threads()}"
+        f" engine threads, {args.num_workers} loader workers, {len(dataset)} JPEGs of 1024x768, "
+        f"best of {args.runs}, interleaved"
     )
-    print(f"{torch.get_num_threads()} torch threads, channels_last")
-    header = ("backbone", "input", "dtype", "ceiling img/s", "pipeline img/s", "share")
-    print("{:24} {:>5} {:>5} {:>14} {:>15} {:>6}".format(*header))
-    for name, size, dtype, top, full in rows:
-        print(f"{name:24} {size:>5} {dtype:>5} {top:>14.1f} {full:>15.1f} {full / top:>6.0%}")
+    header = ("engine", "backbone img/s", "vs ceiling", "vs torch bf16", "pipeline img/s",
+              "vs ceiling", "vs torch bf16")  # fmt: skip
+    print("{:34} {:>14} {:>10} {:>13} {:>14} {:>10} {:>13}".format(*header))
+    for name in engines:
+        a, p = alone[name], full[name]
+        print(
+            f"{name:34} {a:>14.1f} {a / ceiling:>10.2f} {a / torch_bf16[0]:>13.2f} "
+            f"{p:>14.1f} {p / ceiling:>10.2f} {p / torch_bf16[1]:>13.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sem_cls.data.engines import create_engine
 from sem_cls.data.images import is_image_file, walk_files
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error
 from sem_cls.evaluation.scores import top_k
@@ -125,6 +126,17 @@ def predict(cfg) -> Path:
     info_bar = cfg.info_bar if cfg.info_bar is not None else recorded.get("info_bar", "auto")
     bf16 = cfg.bf16 if cfg.bf16 is not None else recorded.get("bf16", True)
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    engine = cfg.get("engine") or recorded.get("engine", "torch")
+    if engine != "torch":
+        model.use_engine(
+            create_engine(
+                engine,
+                model.backbone.to(device),
+                tuple(model.data_config["input_size"]),
+                bf16,
+                Path(cfg.paths.cache_dir) / "engines",
+            )
+        )
     probs, errors = classify_files(
         model.to(device),
         files,

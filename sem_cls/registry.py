@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sem_cls.data.engines import create_engine
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
@@ -32,7 +33,7 @@ CHECKPOINT_FILE, SETTINGS_FILE = "checkpoint.ckpt", "settings.json"
 # What loading and predicting import; pinned to the versions that trained the model.
 REQUIREMENTS = (
     "torch", "torchvision", "timm", "lightning", "torchmetrics", "numpy", "scipy", "pillow",
-    "imagehash", "pandas", "mlflow",
+    "imagehash", "pandas", "mlflow", "openvino",
 )  # fmt: skip
 EXAMPLE_SIDE = 320  # the input example is a real test image, reduced to keep the artifact small
 
@@ -112,9 +113,19 @@ class PyfuncClassifier:
     it `uncertain`.
     """
 
-    def __init__(self, model: SEMClassifier, settings: dict):
+    def __init__(self, model: SEMClassifier, settings: dict, data_path: Path | None = None):
         self.model = model.eval()
         self.settings = settings
+        if settings.get("engine", "torch") != "torch":
+            # The converted backbone travels in the model's data folder (see log_best_model).
+            engine = create_engine(
+                settings["engine"],
+                model.backbone,
+                tuple(model.data_config["input_size"]),
+                settings["bf16"],
+                data_path,
+            )
+            model.use_engine(engine)
 
     def predict(self, model_input, params: dict | None = None):
         import pandas as pd
@@ -151,7 +162,7 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> PyfuncClas
     """MLflow's entry point for this model flavour (loader_module)."""
     model, _ = load_checkpoint(Path(data_path) / CHECKPOINT_FILE)
     settings = json.loads((Path(data_path) / SETTINGS_FILE).read_text())
-    return PyfuncClassifier(model, settings)
+    return PyfuncClassifier(model, settings, Path(data_path))
 
 
 def _signature(class_names: list[str]):
@@ -219,6 +230,7 @@ def log_best_model(trainer, datamodule, info_bar, registry=None) -> list[str]:
         "info_bar": InfoBarCrop(info_bar).mode,
         "max_pixels": datamodule.max_pixels,
         "bf16": bool(datamodule.bf16 and datamodule.cache_features and model.frozen),
+        "engine": model.engine.name if model.engine else "torch",
         "checkpoint": Path(best).name,
     }
     example = _input_example(datamodule)
@@ -229,6 +241,9 @@ def log_best_model(trainer, datamodule, info_bar, registry=None) -> list[str]:
             data = Path(tmp) / DATA_DIR
             data.mkdir()
             shutil.copyfile(best, data / CHECKPOINT_FILE)
+            if settings["engine"] == "openvino":  # converted once, in training; not on load
+                for part in model.engine.files:
+                    shutil.copyfile(part, data / part.name)
             (data / SETTINGS_FILE).write_text(
                 json.dumps({**settings, "trained_run_id": logger.run_id}, indent=2)
             )

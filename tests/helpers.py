@@ -107,9 +107,10 @@ def tiny_backbone(seed=0):
 
 def cached(cache, backbone, preprocessing="p", digests=("a", "b", "c", "d", "e", "f"), **kw):
     """FeatureCache.features of an `Images(**kw)` set (looked up when called), batches of 2."""
-    return cache.features(
-        backbone, {"resize": preprocessing}, Images(**kw), list(digests), 2, 0, False
-    )
+    from sem_cls.data.engines import TorchEngine
+
+    engine = TorchEngine(backbone, bf16=False)
+    return cache.features(engine, {"resize": preprocessing}, Images(**kw), list(digests), 2, 0)
 
 
 def split_manifest(data_dir: Path, manifest: Path | None = None, **settings):

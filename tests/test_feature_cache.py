@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from sem_cls.data.datamodule import SEMDataModule
+from sem_cls.data.engines import TorchEngine
 from sem_cls.data.features import FeatureCache
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
@@ -145,13 +146,12 @@ def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
     accuracy, features = {}, {}
     for bf16 in (False, True):
         features[bf16] = FeatureCache(tmp_path).features(
-            model.backbone,
+            TorchEngine(model.backbone, bf16),
             {},
             datamodule.image_dataset(samples),
             [s.sha256 for s in samples],
             16,
             0,
-            bf16,
         )
         accuracy[bf16] = linear_probe_accuracy(np.asarray(features[bf16]), labels)
     print(f"linear probe accuracy: fp32 {accuracy[False]:.4f}, bf16 {accuracy[True]:.4f}")

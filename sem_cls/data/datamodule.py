@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from sem_cls.data.augment import sem_train_transform
+from sem_cls.data.engines import ENGINES, create_engine
 from sem_cls.data.features import FeatureCache
 from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from sem_cls.data.ingest import INGEST_VERSION
@@ -67,6 +68,7 @@ class SEMDataModule(L.LightningDataModule):
         cache_features: bool = True,
         cache_dir: str | None = None,
         bf16: bool = True,
+        engine: str = "torch",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         sampler: str = "none",
         augment: dict | None = None,
@@ -76,12 +78,16 @@ class SEMDataModule(L.LightningDataModule):
         super().__init__()
         if sampler not in SAMPLERS:
             raise UserError(f"data.sampler={sampler!r} is not one of {list(SAMPLERS)}.")
+        if engine not in ENGINES:
+            raise UserError(f"data.engine={engine!r} is not one of {list(ENGINES)}.")
         self.manifest = manifest
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache_features = cache_features
-        self.feature_cache = FeatureCache(Path(cache_dir) / "features") if cache_dir else None
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.feature_cache = FeatureCache(self.cache_dir / "features") if cache_dir else None
         self.bf16 = bf16
+        self.engine = engine
         self.max_pixels = check_max_pixels(max_pixels)
         self.sampler = sampler
         self.seed = seed  # of each epoch's training order, with the epoch number
@@ -93,8 +99,8 @@ class SEMDataModule(L.LightningDataModule):
         self.samples.update(test_sets or {})
         self.test_set_names = ["test", *(test_sets or {})]
         self.data_config: dict | None = None
-        # Set to the backbone when its features will do for the model: batches are then those.
-        self.frozen_backbone: torch.nn.Module | None = None
+        # Set to the model when its backbone's features will do for it: batches are then those.
+        self.frozen_model = None
         self.features: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -109,6 +115,7 @@ class SEMDataModule(L.LightningDataModule):
             cache_features=data.cache_features,
             cache_dir=data.get("cache_dir"),
             bf16=data.bf16,
+            engine=data.get("engine", "torch"),
             max_pixels=data.max_pixels,
             sampler=data.sampler,
             augment=data.get("augment"),
@@ -124,7 +131,35 @@ class SEMDataModule(L.LightningDataModule):
         """Use the model's input size and normalisation, and its cached features where they do
         for it (a frozen backbone, no test-time augmentation)."""
         self.data_config = model.data_config
-        self.frozen_backbone = model.backbone if model.takes_features else None
+        self.frozen_model = model if model.takes_features else None
+        if self.engine != "torch" and not model.frozen:
+            raise UserError(
+                f"data.engine={self.engine} serves a frozen backbone's feature extraction; "
+                f"model.freeze={model.hparams.freeze!r} fine-tunes it, which runs on torch. Set "
+                "data.engine=torch, or model.freeze=all for a linear probe."
+            )
+
+    def feature_engine(self):
+        """The frozen model's feature engine (data.engine), built on first use, once the
+        backbone sits on its device; the model runs its backbone with it too."""
+        model = self.frozen_model
+        if model.engine is None:
+            on_gpu = next(model.backbone.parameters()).device.type != "cpu"
+            kind = self.engine
+            if kind != "torch" and on_gpu:
+                log.warning("data.engine=%s runs on CPU only; this GPU run uses torch.", kind)
+                kind = "torch"
+            model.use_engine(
+                create_engine(
+                    kind,
+                    model.backbone,
+                    tuple(self.data_config["input_size"]),
+                    self.bf16,
+                    self.cache_dir / "engines" if self.cache_dir else None,
+                    self.feature_cache.weights(model.backbone) if self.feature_cache else None,
+                )
+            )
+        return model.engine
 
     def class_counts(self, split: str) -> np.ndarray:
         """Images per class in `split`, in class-index order."""
@@ -147,7 +182,7 @@ class SEMDataModule(L.LightningDataModule):
             sem_train_transform(self.data_config, **self.augment) if self.augment else None
         )
         self.use_cache = bool(
-            self.frozen_backbone is not None and self.cache_features and self.feature_cache
+            self.frozen_model is not None and self.cache_features and self.feature_cache
         )
         if not self.use_cache:
             log.info("Feature cache off: the backbone runs on every batch of every epoch.")
@@ -173,16 +208,15 @@ class SEMDataModule(L.LightningDataModule):
             strategy = self.trainer.strategy if self.trainer is not None else None
             if strategy is not None:
                 # setup() runs before the strategy moves the model: extract where it will run.
-                self.frozen_backbone.to(strategy.root_device)
+                self.frozen_model.backbone.to(strategy.root_device)
             self.features[name] = self.feature_cache.features(
-                self.frozen_backbone,
+                self.feature_engine(),
                 preprocessing,
                 self.image_dataset(samples),
                 # Content and crop: the same bytes cropped otherwise give other features.
                 [f"{s.sha256}:{s.crop_box}" for s in samples],
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
-                bf16=self.bf16,
                 # Under DDP the ranks share the extraction (each a slice of the images).
                 strategy=strategy,
             )

@@ -52,17 +52,11 @@ def weights_digest(module: nn.Module) -> str:
 
 @torch.inference_mode()
 def extract_features(
-    backbone: nn.Module,
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int,
-    bf16: bool,
-    out: np.ndarray,
+    engine, dataset: Dataset, batch_size: int, num_workers: int, out: np.ndarray
 ) -> None:
-    """Run `backbone` over `dataset` ({"image": ...} items) in order, writing (N, num_features)
-    rows into `out`."""
-    backbone.eval()
-    device = next(backbone.parameters()).device
+    """Run a feature `engine` (sem_cls.data.engines) over `dataset` ({"image": ...} items) in
+    order, writing (N, num_features) rows into `out`."""
+    device = engine.device
     # A private generator: extracting must not shift the global RNG, or the shuffling of the
     # head's training would depend on whether the cache was warm.
     loader = DataLoader(
@@ -75,10 +69,8 @@ def extract_features(
     )
     row = 0
     for batch in tqdm(loader, desc="backbone features", unit="batch"):
-        images = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            features = backbone(images)  # (B, 3, H, W) -> (B, num_features)
-        out[row : row + len(features)] = features.float().cpu().numpy()
+        features = engine(batch["image"])  # (B, 3, H, W) -> (B, num_features)
+        out[row : row + len(features)] = features.cpu().numpy()
         row += len(features)
 
 
@@ -178,37 +170,44 @@ class FeatureCache:
         # (about 100 MB of sha256 for InceptionV3).
         self._weights: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
-    def backbone_key(self, backbone: nn.Module, preprocessing: dict, bf16: bool) -> str:
+    def weights(self, backbone: nn.Module) -> str:
+        """The backbone's weights digest, computed once per backbone."""
         if backbone not in self._weights:
             self._weights[backbone] = weights_digest(backbone)
+        return self._weights[backbone]
+
+    def backbone_key(self, engine, preprocessing: dict) -> str:
+        backbone = engine.backbone
         description = {
             "architecture": backbone.pretrained_cfg.get("architecture", type(backbone).__name__),
-            "weights": self._weights[backbone],
+            "weights": self.weights(backbone),
             "preprocessing": preprocessing,
-            "bf16": bf16,
+            # Engines and precisions agree closely, not bit for bit.
+            "engine": engine.name,
+            "precision": engine.precision,
         }
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
     def features(
         self,
-        backbone: nn.Module,
+        engine,
         preprocessing: dict,
         dataset: Dataset,
         image_digests: list[str],
         batch_size: int = 32,
         num_workers: int = 2,
-        bf16: bool = False,
         strategy=None,
     ) -> np.ndarray:
-        """(N, num_features) features of `dataset`'s images, memory-mapped; computed on a miss.
+        """(N, num_features) features of `dataset`'s images by a feature `engine`
+        (sem_cls.data.engines), memory-mapped; computed on a miss.
 
         With a distributed Lightning `strategy`, every rank must call this with the same
         arguments: the extraction is shared among them (see `_extract_sharded`).
         """
         images_key = hashlib.sha256("\n".join(image_digests).encode()).hexdigest()[:24]
-        entry_dir = self.cache_dir / self.backbone_key(backbone, preprocessing, bf16)
+        entry_dir = self.cache_dir / self.backbone_key(engine, preprocessing)
         entry = entry_dir / f"{images_key}.npy"
-        shape = (len(dataset), backbone.num_features)
+        shape = (len(dataset), engine.num_features)
         distributed = strategy is not None and strategy.world_size > 1
         # Rank 0 decides hit or miss for all, so no rank waits at a barrier the others skip.
         hit = self._verified(entry, shape) if not distributed or strategy.is_global_zero else None
@@ -225,12 +224,12 @@ class FeatureCache:
         except OSError as err:  # a file where a folder should be, no permission
             raise _unrepairable(entry_dir, err) from None
         if distributed:
-            args = (backbone, dataset, batch_size, num_workers, bf16)
+            args = (engine, dataset, batch_size, num_workers)
             return self._extract_sharded(entry, *args, strategy)
         partial = _partial_name(entry, os.getpid(), socket.gethostname())
         try:
             out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
-            extract_features(backbone, dataset, batch_size, num_workers, bf16, out)
+            extract_features(engine, dataset, batch_size, num_workers, out)
             out.flush()
             del out
             _commit(partial, entry)
@@ -252,7 +251,7 @@ class FeatureCache:
         return not problem
 
     @staticmethod
-    def _extract_sharded(entry, backbone, dataset, batch_size, num_workers, bf16, strategy):
+    def _extract_sharded(entry, engine, dataset, batch_size, num_workers, strategy):
         """Rank r extracts rows r, r + world_size, ... into its own shard file; after a barrier
         rank 0 interleaves the shards into the entry (written under a temporary name and
         renamed, as alone), and after another all ranks read it. Shards and entry must be on a
@@ -262,13 +261,13 @@ class FeatureCache:
         job, host = strategy.broadcast((os.getpid(), socket.gethostname()))
         shards = [_partial_name(entry, job, host, f".shard-{r}-of-{world}") for r in range(world)]
         shard, partial = shards[rank], _partial_name(entry, job, host)
-        num_features = backbone.num_features
+        num_features = engine.num_features
         rows = range(rank, len(dataset), world)
         try:
             out = np.lib.format.open_memmap(
                 shard, mode="w+", dtype=np.float32, shape=(len(rows), num_features)
             )
-            extract_features(backbone, Subset(dataset, rows), batch_size, num_workers, bf16, out)
+            extract_features(engine, Subset(dataset, rows), batch_size, num_workers, out)
             out.flush()
             del out
             strategy.barrier("feature shards written")

@@ -120,5 +120,12 @@ def create_backbone(
 
 
 def freeze(backbone: nn.Module) -> None:
-    """No gradients; BatchNorm statistics frozen too (timm swaps in FrozenBatchNorm2d)."""
-    timm.utils.freeze(backbone)
+    """A wholly frozen backbone: no gradients, inference mode (BatchNorm uses its statistics).
+
+    The modules stay as they are: timm's FrozenBatchNorm2d computes the same thing in elementwise
+    ops that oneDNN cannot fold into the convolutions (InceptionV3: 12.8 vs 23.0 img/s bf16).
+    FrozenBatchNorm2d is for partly frozen backbones, whose training mode would update BatchNorm
+    statistics (sem_cls.models.finetune).
+    """
+    backbone.requires_grad_(False)
+    backbone.eval()

@@ -73,7 +73,11 @@ class SEMClassifier(LightningModule):
         self.frozen = learning == 0
         if self.frozen:
             backbones.freeze(self.backbone)
-        self.learning_names = set(finetune.freeze_stages(self.backbone, stages, learning))
+            self.learning_names = set()
+        else:
+            self.learning_names = set(finetune.freeze_stages(self.backbone, stages, learning))
+        # What runs a frozen backbone (sem_cls.data.engines); set by use_engine, else torch.
+        self.engine = None
         if compile and not self.frozen:
             # torch.compile where the backbone runs every batch (a frozen one runs once per
             # image, for the cache). In place: the state dict keeps its names.
@@ -155,8 +159,19 @@ class SEMClassifier(LightningModule):
                 parameter.requires_grad_(learning)
         self.train()
 
+    def use_engine(self, engine) -> None:
+        """Run the frozen backbone with `engine` (sem_cls.data.engines) from now on."""
+        if not self.frozen:
+            raise UserError(
+                f"data.engine={engine.name} serves a frozen backbone only; this model fine-tunes "
+                f"it (model.freeze={self.hparams.freeze!r}). Set data.engine=torch."
+            )
+        self.engine = engine
+
     def backbone_features(self, images: torch.Tensor):
         """(B, 3, H, W) -> (B, num_features), and InceptionV3's auxiliary features or None."""
+        if self.frozen and self.engine is not None:
+            return self.engine(images), None
         images = images.contiguous(memory_format=torch.channels_last)
         if self.frozen:
             with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from sem_cls.data.engines import TorchEngine
 from sem_cls.data.images import DEFAULT_MAX_PIXELS
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import check_image
@@ -65,16 +66,17 @@ def classify_files(
     )
     model.eval()
     device = next(model.parameters()).device
+    # A frozen backbone runs as the feature cache ran it for training and evaluation (its
+    # engine, bf16 with data.bf16), so the head sees the features it was fit on.
+    engine = (model.engine or TorchEngine(model.backbone, bf16)) if model.frozen else None
     probs, errors = [], []
     bar = tqdm(total=len(files), desc="Classifying", unit="image", disable=not progress)
     with torch.inference_mode(), bar:
         for images, batch_errors in loader:
             images = images.to(device)
-            # A frozen backbone runs as the feature cache ran it for training and evaluation
-            # (bf16 autocast with data.bf16), so the head sees the features it was fit on.
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and model.frozen):
-                features, _ = model.backbone_features(images)  # (B, 3, H, W) -> (B, num_features)
-            probs.append(model.head(features.float()).float().softmax(dim=1).cpu())
+            # (B, 3, H, W) -> (B, num_features)
+            features = engine(images) if engine else model.backbone_features(images)[0]
+            probs.append(model.head(features.to(device)).float().softmax(dim=1).cpu())
             errors += batch_errors
             bar.update(len(images))
     probs = torch.cat(probs).double().numpy()

@@ -1,0 +1,187 @@
+"""Feature engines: what runs a frozen backbone, (B, 3, H, W) images -> (B, num_features).
+
+`torch` runs the timm module itself (bf16 autocast if asked), on whatever device it sits.
+`openvino` runs it converted once by OpenVINO into `<cache_dir>/<key>.xml/.bin`, keyed by
+architecture, weights, input size and precision, and compiled for this CPU: bf16 where the CPU
+has it (AVX512-BF16/AMX), f32 elsewhere. Only a frozen backbone on CPU has an engine choice;
+fine-tuning and GPUs run torch.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sem_cls.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("torch", "openvino")
+
+
+class TorchEngine:
+    """The backbone module itself, in inference mode, channels_last, bf16 autocast if asked."""
+
+    name = "torch"
+
+    def __init__(self, backbone: nn.Module, bf16: bool):
+        self.backbone = backbone
+        self.bf16 = bf16
+        self.num_features = backbone.num_features
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.backbone.eval()
+        device = self.device
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            features = self.backbone(images)  # (B, 3, H, W) -> (B, num_features)
+        return features.float()
+
+
+class OpenVINOEngine:
+    """The backbone converted by OpenVINO (once per architecture, weights, input size and
+    precision; cached on disk) and compiled for this machine's CPU."""
+
+    name = "openvino"
+    device = torch.device("cpu")
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        input_size: tuple[int, int, int],
+        bf16: bool,
+        cache_dir: str | Path | None,
+        weights: str,
+        threads: int | None = None,
+    ):
+        ov = import_openvino()
+        core = ov.Core()
+        # bf16 only where the CPU computes it natively; elsewhere OpenVINO would emulate it.
+        native_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if bf16 and not native_bf16:
+            log.info("This CPU has no native bf16 (AVX512-BF16/AMX): OpenVINO runs in f32.")
+        self.precision = "bf16" if bf16 and native_bf16 else "fp32"
+        self.backbone = backbone  # what the converted model was made from
+        self.num_features = backbone.num_features
+        self.input_size = tuple(input_size)
+        description = {
+            "architecture": backbone.pretrained_cfg.get("architecture", type(backbone).__name__),
+            "weights": weights,
+            "input_size": list(self.input_size),
+            "openvino": ov.__version__.split("-")[0],
+        }
+        self.key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+        cache_dir = Path(cache_dir) if cache_dir else None
+        model = self._converted(ov, backbone, cache_dir)
+        # The cached .xml and .bin, which an MLflow model carries along; none when uncached.
+        xml = cache_dir / f"{self.key}.xml" if cache_dir else None
+        self.files = [xml, xml.with_suffix(".bin")] if xml and xml.is_file() else []
+        config = {
+            # One stream, lowest latency per batch: measured faster than the throughput hint
+            # for whole batches on a few cores.
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+        }
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError as err:
+            raise UserError(
+                f"OpenVINO could not compile {description['architecture']} for this CPU "
+                f"({str(err)[:300]}). Set data.engine=torch."
+            ) from err
+        self.request = self.compiled.create_infer_request()
+
+    def _converted(self, ov, backbone: nn.Module, cache_dir: Path | None):
+        """The OpenVINO model, read from the cache or converted (and written there)."""
+        xml = cache_dir / f"{self.key}.xml" if cache_dir else None
+        if xml and xml.is_file() and xml.with_suffix(".bin").is_file():
+            log.info("OpenVINO model from cache: %s", xml)
+            return ov.Core().read_model(xml)
+        log.info("Converting the backbone with OpenVINO (once per backbone and weights)")
+        example = torch.zeros(1, *self.input_size)
+        try:
+            with torch.no_grad():
+                model = ov.convert_model(backbone.eval(), example_input=example)
+        except Exception as err:  # noqa: BLE001 -- the converter raises many kinds
+            raise UserError(
+                f"OpenVINO could not convert this backbone ({type(err).__name__}: "
+                f"{str(err)[:300]}). Set data.engine=torch."
+            ) from err
+        # Any batch size; the weights stay f32 on disk, the precision is chosen at compile time.
+        model.reshape([-1, *self.input_size])
+        if xml:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            partial = cache_dir / f"{self.key}.partial-{os.getpid()}.xml"
+            try:
+                ov.save_model(model, partial, compress_to_fp16=False)
+                # .bin first: a complete .xml is what marks the entry as there.
+                os.replace(partial.with_suffix(".bin"), xml.with_suffix(".bin"))
+                os.replace(partial, xml)
+            finally:
+                partial.unlink(missing_ok=True)
+                partial.with_suffix(".bin").unlink(missing_ok=True)
+            log.info("OpenVINO model cached: %s", xml)
+        return model
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        # (B, 3, H, W) -> (B, num_features); copied out, the request reuses its buffer.
+        features = self.request.infer({0: pixels}, share_inputs=True)[0]
+        return torch.from_numpy(np.array(features, dtype=np.float32))
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as err:
+        raise UserError(
+            f"data.engine=openvino, but OpenVINO cannot be imported ({err}). Install the pinned "
+            "version from requirements.txt (pip install -r requirements.txt) or set "
+            "data.engine=torch."
+        ) from err
+    return openvino
+
+
+def create_engine(
+    kind: str,
+    backbone: nn.Module,
+    input_size: tuple[int, int, int],
+    bf16: bool,
+    cache_dir: str | Path | None = None,
+    weights: str | None = None,
+    threads: int | None = None,
+):
+    """The engine `kind` for a frozen backbone. `weights` is the backbone's weights digest
+    (sem_cls.models.feature_cache.weights_digest), which keys the OpenVINO model cache."""
+    if kind not in ENGINES:
+        raise UserError(f"data.engine={kind!r} is not one of {list(ENGINES)}.")
+    if kind == "torch":
+        return TorchEngine(backbone, bf16)
+    device = next(backbone.parameters()).device
+    if device.type != "cpu":
+        raise UserError(
+            f"data.engine=openvino runs on the CPU, but the backbone is on {device}. "
+            "Set data.engine=torch for GPU runs."
+        )
+    if weights is None:
+        from sem_cls.models.feature_cache import weights_digest
+
+        weights = weights_digest(backbone)
+    return OpenVINOEngine(backbone, input_size, bf16, cache_dir, weights, threads)

