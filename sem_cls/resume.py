@@ -29,8 +29,12 @@ RUN_ID_FILE = "mlflow_run_id"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint under a temporary name, then renames it into place: a kill
-    mid-write leaves the previous checkpoint whole, never a truncated one."""
+    """Writes each checkpoint under a temporary name beside it, then renames it into place: a
+    kill mid-write leaves the previous checkpoint whole, never a truncated one.
+
+    Lightning's own save is atomic only when TMPDIR is on the checkpoint's filesystem: fsspec
+    writes to a file in TMPDIR and `shutil.move`s it, which across filesystems copies into the
+    existing last.ckpt."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)

@@ -181,6 +181,33 @@ def test_checkpoints_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+def test_a_kill_mid_write_keeps_the_checkpoint_when_temp_files_live_on_another_disk(
+    tmp_path, monkeypatch
+):
+    """Lightning alone writes to a file in TMPDIR and moves it into place; across filesystems
+    (TMPDIR on tmpfs or a local disk, runs on a network share) that move copies into the
+    existing last.ckpt, so a kill mid-copy leaves it truncated. Ours must not."""
+    import errno
+
+    from sem_cls.resume import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"epoch": 1}, target)
+
+    def other_filesystem(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", src)
+
+    def killed_mid_copy(out_fd, in_fd, offset, count):
+        os.write(out_fd, b"half a checkpo")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", other_filesystem)  # what shutil.move tries first
+    monkeypatch.setattr(os, "sendfile", killed_mid_copy)  # what its copy fallback uses
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"epoch": 2}, target)
+    assert torch.load(target, weights_only=True) == {"epoch": 1}
+
+
 class PlantedCode:
     """Unpickling this creates a file: what a malicious checkpoint could do instead."""
 

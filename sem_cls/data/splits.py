@@ -62,6 +62,8 @@ def group_split(
 
     Per class, groups in a seeded random order (largest first) each go to the split furthest
     below its target share, so the shares come out as close as whole groups allow.
+    scikit-learn has no splitter for this: StratifiedGroupKFold only cuts 1/k shares (70/15/15
+    becomes 71.4/14.3/14.3) and GroupShuffleSplit ignores classes, so rare ones miss a split.
     """
     if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
         raise UserError(f"data.split={list(ratios)} must be three positive ratios summing to 1.")
