@@ -162,6 +162,10 @@ def test_balanced_sampler_draws_rare_classes_as_often_as_common_ones(tiny_sem_di
     torch.manual_seed(0)
     sampler = datamodule.train_dataloader().sampler  # the draws, without decoding images
     train = datamodule.samples["train"]
-    drawn = torch.tensor([train[i].label for _ in range(50) for i in sampler])
+    drawn = []
+    for epoch in range(50):  # as Lightning's fit loop: a new draw every epoch
+        sampler.set_epoch(epoch)
+        drawn += [train[i].label for i in sampler]
+    drawn = torch.tensor(drawn)
     shares = torch.bincount(drawn, minlength=len(counts)).float() / len(drawn)
     assert shares.max() - shares.min() < 0.05, shares
