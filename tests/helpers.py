@@ -1,6 +1,7 @@
 """What many test modules share: paths, configs as the entry points compose them, running an
 entry point as a user does, and small stand-ins. Fixtures live in conftest.py."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -123,3 +124,29 @@ def split_manifest(data_dir: Path, manifest: Path | None = None, **settings):
     if manifest is not None:
         return SplitManifest.read(manifest, ingested)
     return SplitManifest.build(ingested, **settings)
+
+
+def best_checkpoint(cfg) -> Path:
+    return next((Path(cfg.paths.output_dir) / "checkpoints").glob("epoch_*.ckpt"))
+
+
+def run_predict(trained_run, tmp_path, ckpt_path, inputs, *overrides) -> list[dict]:
+    cfg = trained_run[0]
+    output = tmp_path / f"predictions_{len(list(tmp_path.glob('*.csv')))}.csv"
+    predict_cfg = compose_config(
+        "predict",
+        tmp_path,
+        [
+            f"ckpt_path={ckpt_path}",
+            f"inputs={inputs}",
+            f"output={output}",
+            f"tracking_uri={cfg.logger.mlflow.tracking_uri}",
+            "num_workers=0",
+            *overrides,
+        ],
+    )
+    from sem_cls.predict import predict
+
+    predict(predict_cfg)
+    with open(output) as f:
+        return list(csv.DictReader(f))

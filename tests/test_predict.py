@@ -15,7 +15,7 @@ from PIL import Image
 from sem_cls.errors import UserError
 from sem_cls.predict import check_output, predict, write_predictions
 from sem_cls.registry import _tracking
-from tests.helpers import IMAGE_SUFFIXES, ROOT, compose_config
+from tests.helpers import IMAGE_SUFFIXES, ROOT, best_checkpoint, compose_config, run_predict
 
 
 @pytest.fixture(scope="module")
@@ -31,30 +31,6 @@ def mixed_folder(tiny_sem_dir, tmp_path_factory) -> Path:
     (folder / "sub" / "broken.jpg").write_bytes(sources[25].read_bytes()[:1500])
     (folder / "notes.txt").write_text("not an image, and not named like one")
     return folder
-
-
-def best_checkpoint(cfg) -> Path:
-    return next((Path(cfg.paths.output_dir) / "checkpoints").glob("epoch_*.ckpt"))
-
-
-def run_predict(trained_run, tmp_path, ckpt_path, inputs, *overrides) -> list[dict]:
-    cfg = trained_run[0]
-    output = tmp_path / f"predictions_{len(list(tmp_path.glob('*.csv')))}.csv"
-    predict_cfg = compose_config(
-        "predict",
-        tmp_path,
-        [
-            f"ckpt_path={ckpt_path}",
-            f"inputs={inputs}",
-            f"output={output}",
-            f"tracking_uri={cfg.logger.mlflow.tracking_uri}",
-            "num_workers=0",
-            *overrides,
-        ],
-    )
-    predict(predict_cfg)
-    with open(output) as f:
-        return list(csv.DictReader(f))
 
 
 def probabilities(rows: list[dict]) -> np.ndarray:

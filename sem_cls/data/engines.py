@@ -169,7 +169,7 @@ def create_engine(
     threads: int | None = None,
 ):
     """The engine `kind` for a frozen backbone. `weights` is the backbone's weights digest
-    (sem_cls.models.feature_cache.weights_digest), which keys the OpenVINO model cache."""
+    (sem_cls.data.features.weights_digest), which keys the OpenVINO model cache."""
     if kind not in ENGINES:
         raise UserError(f"data.engine={kind!r} is not one of {list(ENGINES)}.")
     if kind == "torch":
@@ -181,7 +181,7 @@ def create_engine(
             "Set data.engine=torch for GPU runs."
         )
     if weights is None:
-        from sem_cls.models.feature_cache import weights_digest
+        from sem_cls.data.features import weights_digest
 
         weights = weights_digest(backbone)
     return OpenVINOEngine(backbone, input_size, bf16, cache_dir, weights, threads)
