@@ -26,7 +26,7 @@ from sem_cls.registry import (  # noqa: E402
     load_model,
 )
 from sem_cls.runner import build_trainer, exits_on_user_error, print_summary  # noqa: E402
-from sem_cls.tracking import log_artifacts, mlflow_loggers  # noqa: E402
+from sem_cls.tracking import log_artifacts, mark_model_training, mlflow_loggers  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg)
     source = cfg.ckpt_path if is_model_uri(cfg.ckpt_path) else str(Path(cfg.ckpt_path).resolve())
     for logger in mlflow_loggers(trainer.loggers):
+        mark_model_training(logger)
         tags = {
             "ckpt_path": source,
             "data_dir": str(datamodule.data_dir),

@@ -32,16 +32,26 @@ def write_matrix_csv(path: Path, matrix: np.ndarray, class_names: list[str]) -> 
     return path
 
 
-def plot_matrix(path: Path, matrix: np.ndarray, class_names: list[str], title: str, fmt: str):
+# White border around saved figures, in inches: nothing drawn touches the edge of the image.
+FIGURE_MARGIN = 0.25
+
+
+def matrix_figure(matrix: np.ndarray, class_names: list[str], title: str, fmt: str):
     size = max(6, 0.7 * len(class_names))
-    fig, ax = plt.subplots(figsize=(size, size))
+    # Constrained layout sizes the axes around the long class names and the title.
+    fig, ax = plt.subplots(figsize=(size, size), layout="constrained")
     ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
         ax=ax, cmap="Blues", xticks_rotation=45, colorbar=False, values_format=fmt
     )
     plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")  # long class names
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
+
+
+def plot_matrix(path: Path, matrix: np.ndarray, class_names: list[str], title: str, fmt: str):
+    fig = matrix_figure(matrix, class_names, title, fmt)
+    # The saved image is the drawing's own extent plus a margin, whatever the labels' length.
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=FIGURE_MARGIN)
     plt.close(fig)
     return path
 
