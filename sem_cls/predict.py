@@ -30,6 +30,7 @@ from sem_cls.evaluation.scores import top_k
 log = logging.getLogger(__name__)
 
 UNCERTAIN = "uncertain"
+UNKNOWN = "unknown"  # unlike the training images (sem_cls.models.novelty)
 
 
 def image_files(inputs) -> list[Path]:
@@ -84,14 +85,15 @@ def classify_files(
     num_workers: int = 0,
     bf16: bool = True,
     progress: bool = True,
-) -> tuple[np.ndarray, list[str]]:
-    """(N, num_classes) class probabilities of `files`, NaN for a file that could not be read,
-    and each file's error ("" when read)."""
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(N, num_classes) temperature-scaled class probabilities of `files`, NaN for a file that
+    could not be read, each file's error ("" when read), and (N,) novelty scores (NaN where
+    unread, or for a model without novelty references)."""
     dataset = ImagesToClassify(files, model.data_config, info_bar, max_pixels)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     model.eval()
     device = next(model.parameters()).device
-    probs, errors = [], []
+    probs, errors, novelty = [], [], []
     bar = tqdm(total=len(files), desc="Classifying", unit="image", disable=not progress)
     with torch.inference_mode(), bar:
         for images, batch_errors in loader:
@@ -100,20 +102,31 @@ def classify_files(
             # (bf16 autocast with data.bf16), so the head sees the features it was fit on.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and model.frozen):
                 features, _ = model.backbone_features(images)  # (B, 3, H, W) -> (B, num_features)
-            probs.append(model.head(features.float()).float().softmax(dim=1).cpu())
+            probs.append(model.calibrated(model.head(features.float())).cpu())
+            novelty.append(model.novelty(features).cpu())
             errors += batch_errors
             bar.update(len(images))
-    probs = torch.cat(probs).double().numpy()
-    probs[[bool(error) for error in errors]] = np.nan
-    return probs, errors
+    probs, novelty = torch.cat(probs).double().numpy(), torch.cat(novelty).double().numpy()
+    unread = [bool(error) for error in errors]
+    probs[unread], novelty[unread] = np.nan, np.nan
+    return probs, errors, novelty
 
 
-def decide(probs: np.ndarray, class_names: list[str], min_confidence: float | None) -> list[str]:
-    """The class of each image, `uncertain` below `min_confidence`, "" where unreadable."""
+def decide(
+    probs: np.ndarray,
+    class_names: list[str],
+    min_confidence: float | None,
+    unknown: np.ndarray | None = None,
+) -> list[str]:
+    """The class of each image, `unknown` where `unknown` is true (unlike the training images),
+    `uncertain` below `min_confidence`, "" where unreadable."""
     decisions = []
-    for row in probs:
+    unknown = np.zeros(len(probs), bool) if unknown is None else unknown
+    for row, novel in zip(probs, unknown, strict=True):
         if np.isnan(row).any():
             decisions.append("")
+        elif novel:
+            decisions.append(UNKNOWN)
         elif min_confidence is not None and row.max() < min_confidence:
             decisions.append(UNCERTAIN)
         else:
@@ -129,27 +142,44 @@ def write_predictions(
     class_names: list[str],
     k: int,
     min_confidence: float | None,
+    novelty: np.ndarray | None = None,
+    unknown: np.ndarray | None = None,
 ) -> Path:
-    """CSV: path, predicted_class, confidence, top<i>_class and top<i>_prob for i <= k, error."""
+    """CSV: path, predicted_class, confidence, novelty, top<i>_class and top<i>_prob for i <= k,
+    error. `novelty` is empty where not scored (novelty off, or a model without references)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     classes, values = top_k(np.nan_to_num(probs, nan=0.0), k)
-    decisions = decide(probs, class_names, min_confidence)
+    decisions = decide(probs, class_names, min_confidence, unknown)
+    novelty = np.full(len(files), np.nan) if novelty is None else novelty
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        header = ["path", "predicted_class", "confidence"]
+        header = ["path", "predicted_class", "confidence", "novelty"]
         for rank in range(1, classes.shape[1] + 1):
             header += [f"top{rank}_class", f"top{rank}_prob"]
         writer.writerow([*header, "error"])
-        for file, decision, top, top_probs, error in zip(
-            files, decisions, classes, values, errors, strict=True
+        for file, decision, top, top_probs, score, error in zip(
+            files, decisions, classes, values, novelty, errors, strict=True
         ):
             if error:
-                writer.writerow([file, "", "", *[""] * (2 * len(top)), error])
+                writer.writerow([file, "", "", "", *[""] * (2 * len(top)), error])
                 continue
             ranked = [item for i, p in zip(top, top_probs, strict=True) for item in
                       (class_names[i], f"{p:.6f}")]  # fmt: skip
-            writer.writerow([file, decision, f"{top_probs[0]:.6f}", *ranked, ""])
+            scored = "" if np.isnan(score) else f"{score:.6f}"
+            writer.writerow([file, decision, f"{top_probs[0]:.6f}", scored, *ranked, ""])
     return path
+
+
+def unknown_images(model, novelty: np.ndarray, enabled: bool = True) -> np.ndarray:
+    """(N,) true for images past the model's novelty threshold; all false when off or when the
+    model has no novelty references (said once, so a missing `unknown` is not a surprise)."""
+    if not enabled:
+        return np.zeros(len(novelty), bool)
+    if not model.has_novelty:
+        log.warning("This model has no novelty references: no image is marked `unknown`.")
+        return np.zeros(len(novelty), bool)
+    with np.errstate(invalid="ignore"):  # NaN for unreadable files: not unknown, unread
+        return novelty > float(model.novelty_threshold)
 
 
 def predict(cfg) -> Path:
@@ -164,7 +194,7 @@ def predict(cfg) -> Path:
     info_bar = cfg.info_bar if cfg.info_bar is not None else recorded.get("info_bar", "auto")
     bf16 = cfg.bf16 if cfg.bf16 is not None else recorded.get("bf16", True)
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    probs, errors = classify_files(
+    probs, errors, novelty = classify_files(
         model.to(device),
         files,
         info_bar=info_bar,
@@ -173,14 +203,26 @@ def predict(cfg) -> Path:
         num_workers=cfg.num_workers,
         bf16=bf16,
     )
+    unknown = unknown_images(model, novelty, cfg.get("novelty", True))
+    if not cfg.get("novelty", True):
+        novelty = None
     output = write_predictions(
-        Path(cfg.output), files, probs, errors, model.class_names, cfg.top_k, cfg.min_confidence
+        Path(cfg.output),
+        files,
+        probs,
+        errors,
+        model.class_names,
+        cfg.top_k,
+        cfg.min_confidence,
+        novelty,
+        unknown,
     )
-    decisions = decide(probs, model.class_names, cfg.min_confidence)
+    decisions = decide(probs, model.class_names, cfg.min_confidence, unknown)
     unreadable = sum(bool(error) for error in errors)
     print(
         f"{len(files)} images: {len(files) - unreadable} classified "
-        f"({decisions.count(UNCERTAIN)} uncertain), {unreadable} unreadable\n"
+        f"({decisions.count(UNKNOWN)} unknown, {decisions.count(UNCERTAIN)} uncertain), "
+        f"{unreadable} unreadable\n"
         f"Predictions: {output}"
     )
     for file, error in [(f, e) for f, e in zip(files, errors, strict=True) if e][:20]:

@@ -10,7 +10,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DistributedSampler
 
 from sem_cls.evaluation.reports import write_evaluation, write_reports
-from sem_cls.evaluation.scores import split_scores
+from sem_cls.evaluation.scores import expected_calibration_error, split_scores
 from sem_cls.tracking import log_artifacts
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,16 @@ class EvaluationReports(Callback):
     def on_test_epoch_end(self, trainer, pl_module):
         # Here, not in on_test_end, so the scores can still be logged as metrics of the pass.
         split = pl_module.test_split
-        targets, probs = in_split_order(
-            trainer, split, pl_module.predictions()[0], pl_module.probabilities()
+        targets, probs, raw_probs, novelty = in_split_order(
+            trainer,
+            split,
+            pl_module.predictions()[0],
+            pl_module.probabilities(),
+            pl_module.probabilities(calibrated=False),
+            pl_module.novelty_of_test_pass(),
         )
         targets, probs = targets.cpu().numpy(), probs.cpu().double().numpy()
+        raw_probs, novelty = raw_probs.cpu().double().numpy(), novelty.cpu().double().numpy()
         settings = self.settings
         scores = split_scores(
             targets,
@@ -109,8 +115,21 @@ class EvaluationReports(Callback):
             settings["seed"],
             settings["calibration_bins"],
         )
+        # Calibration's effect: the same pass before temperature scaling.
+        scores["ece_uncalibrated"] = expected_calibration_error(
+            targets, raw_probs, settings["calibration_bins"]
+        )
+        scores["temperature"] = float(pl_module.temperature)
         extra = ("acc_ci_low", "acc_ci_high", "f1_macro_ci_low", "f1_macro_ci_high")
-        for name in (*extra, "f1_weighted", "ece"):
+        names = [*extra, "f1_weighted", "ece", "ece_uncalibrated"]
+        if not np.isnan(novelty).any():
+            # Images past the novelty threshold: ~its validation share on the test split, more
+            # on images unlike the training ones.
+            scores["unknown_share"] = float((novelty > float(pl_module.novelty_threshold)).mean())
+            names.append("unknown_share")
+        else:
+            novelty = None
+        for name in names:
             # Every rank computed the same scores from the gathered predictions.
             pl_module.log(f"{split}/{name}", scores[name], sync_dist=True)
         if not trainer.is_global_zero:
@@ -125,6 +144,8 @@ class EvaluationReports(Callback):
             self._title(split, targets, probs.argmax(axis=1)),
             scores,
             settings,
+            novelty,
+            float(pl_module.novelty_threshold),
         )
         log.info("%s reports in %s", split, out_dir)
         log_artifacts(trainer.loggers, paths, f"reports/{split}")

@@ -1,10 +1,14 @@
 """SEMClassifier: a timm backbone, frozen by default, with a new head (a LightningModule)."""
 
+import logging
+
+import numpy as np
 import timm.data
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from timm.data import resolve_model_data_config
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -12,7 +16,10 @@ from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
 from sem_cls.errors import UserError
-from sem_cls.models import backbones, finetune
+from sem_cls.models import backbones, finetune, novelty
+from sem_cls.models.calibration import fit_temperature
+
+log = logging.getLogger(__name__)
 
 CLASS_WEIGHTINGS = ("none", "balanced")
 # Weight of InceptionV3's auxiliary loss, as in its paper and torchvision's recipe.
@@ -27,6 +34,12 @@ class SEMClassifier(LightningModule):
     fine-tunes everything; a number N fine-tunes the last N stages (sem_cls.models.finetune),
     after `unfreeze_after` epochs of head-only training, optionally with layer-wise learning-rate
     decay and a warmup + cosine schedule.
+
+    Probabilities are temperature-scaled: every validation epoch fits the temperature on its
+    own logits (sem_cls.models.calibration), so each checkpoint carries the one of its weights.
+    A frozen backbone also keeps (a subset of) the training split's features and the novelty
+    threshold past which `novelty_val_share` of the validation images lie (sem_cls.models.novelty).
+    All three are buffers: checkpoints carry them as tensors.
     """
 
     def __init__(
@@ -49,6 +62,7 @@ class SEMClassifier(LightningModule):
         aux_logits: bool = False,
         mixup: dict | None = None,
         compile: bool = False,
+        novelty_val_share: float | None = 0.05,
     ):
         super().__init__()
         if class_weighting not in CLASS_WEIGHTINGS:
@@ -108,8 +122,18 @@ class SEMClassifier(LightningModule):
         self.val_acc_best.persistent(True)
         # Training-loss weight per class; set from the training split's counts in setup().
         self.register_buffer("class_weights", torch.ones(num_classes), persistent=False)
-        # Targets and class probabilities of the current evaluation pass, for the reports.
-        self.eval_targets, self.eval_probs = CatMetric(), CatMetric()
+        # Targets, logits and novelty scores of the current evaluation pass, for the reports.
+        self.eval_targets, self.eval_logits, self.eval_novelty = (
+            CatMetric(),
+            CatMetric(),
+            CatMetric(),
+        )
+        # Calibration and novelty: fitted in training, restored from checkpoints.
+        self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer(
+            "novelty_references", torch.zeros(0, self.backbone.num_features).half()
+        )
+        self.register_buffer("novelty_threshold", torch.tensor(float("nan")))
 
     @property
     def data_config(self) -> dict:
@@ -149,6 +173,21 @@ class SEMClassifier(LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone_features(images)[0])  # (B, num_features) -> (B, num_classes)
 
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, temperature-scaled: (B, num_classes) -> (B, num_classes)."""
+        return (logits.float() / self.temperature).softmax(dim=1)
+
+    @property
+    def has_novelty(self) -> bool:
+        return len(self.novelty_references) > 0 and not self.novelty_threshold.isnan()
+
+    def novelty(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, num_features) -> (B,) distance to the nearest training image; NaN without
+        references (a backbone that learned has none)."""
+        if not self.has_novelty:
+            return features.new_full((len(features),), float("nan"), dtype=torch.float32)
+        return novelty.novelty_scores(features, self.novelty_references)
+
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Log of the class probabilities averaged over the 8 flips and 90-degree turns."""
         views = [torch.rot90(v, k, (-2, -1)) for v in (images, images.flip(-1)) for k in range(4)]
@@ -162,15 +201,60 @@ class SEMClassifier(LightningModule):
             weights = counts.sum() / (len(counts) * counts.clip(min=1))
             self.class_weights = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
 
-    def _step(self, batch, training: bool = False):
+    def on_fit_start(self) -> None:
+        # A frozen backbone's features never change: the novelty references and threshold
+        # fitted once hold for every checkpoint of the run.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        share = self.hparams.novelty_val_share
+        if not share or datamodule is None:
+            return
+        if not self.frozen:
+            log.warning(
+                "No novelty detection for this model: its backbone learns, so its features "
+                "move away from any reference taken now; predictions never say `unknown`."
+            )
+            return
+        train, val = (self.split_features(datamodule, split) for split in ("train", "val"))
+        self.novelty_references = novelty.reference_features(train).to(self.device)
+        threshold = novelty.fit_threshold(self.novelty(val.to(self.device)), share)
+        self.novelty_threshold.fill_(threshold)
+        log.info(
+            "Novelty: %d training images as references, threshold %.4f (%.0f%% of validation)",
+            len(self.novelty_references), threshold, 100 * share,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def split_features(self, datamodule, split: str) -> torch.Tensor:
+        """(N, num_features) frozen-backbone features of a split: cached, or computed here."""
+        if datamodule.use_cache:
+            return torch.from_numpy(np.asarray(datamodule.split_features(split))).float()
+        loader = torch.utils.data.DataLoader(
+            datamodule.image_dataset(datamodule.samples[split]),
+            batch_size=datamodule.batch_size,
+            num_workers=datamodule.num_workers,
+        )
+        parts = []
+        for images, _ in loader:
+            images = images.to(self.device)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=datamodule.bf16):
+                parts.append(self.backbone_features(images)[0].float().cpu())
+        return torch.cat(parts)
+
+    def _eval_step(self, batch):
+        """Loss, logits, targets and backbone features (None under TTA) of an evaluation batch."""
         inputs, targets = batch
+        if self.tta and inputs.ndim == 4:
+            logits = self.tta_logits(inputs)  # eight views: no single feature vector to compare
+            return F.cross_entropy(logits, targets), logits, targets, None
+        # (B, num_features) batches are cached backbone features: only the head runs.
+        features = inputs if inputs.ndim == 2 else self.backbone_features(inputs)[0]
+        logits = self.head(features)
+        return F.cross_entropy(logits, targets), logits, targets, features
+
+    def _step(self, batch, training: bool = False):
         if not training:
-            # (B, num_features) batches are cached backbone features: only the head runs.
-            if inputs.ndim == 2:
-                logits = self.head(inputs)
-            else:
-                logits = self.tta_logits(inputs) if self.tta else self(inputs)
-            return F.cross_entropy(logits, targets), logits, targets
+            return self._eval_step(batch)[:3]
+        inputs, targets = batch
         learned = targets
         # timm's Mixup pairs images within a batch, so it needs an even number of them.
         if self.mixup is not None and inputs.ndim == 4 and len(inputs) % 2 == 0:
@@ -196,16 +280,16 @@ class SEMClassifier(LightningModule):
 
     def on_validation_epoch_start(self):
         self.eval_targets.reset()
-        self.eval_probs.reset()
+        self.eval_logits.reset()
 
     def validation_step(self, batch, batch_idx):
-        loss, logits, targets = self._step(batch)
+        loss, logits, targets, _ = self._eval_step(batch)
         self.val_loss(loss)
         self.val_acc(logits, targets)
         self.val_f1(logits, targets)
         self.val_recall(logits, targets)
         self.eval_targets.update(targets)
-        self.eval_probs.update(logits.float().softmax(dim=1))
+        self.eval_logits.update(logits.float())
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/f1_macro", self.val_f1, on_step=False, on_epoch=True)
@@ -223,22 +307,30 @@ class SEMClassifier(LightningModule):
             self.val_recall.reset()
             return
         self._log_recall("val", self.val_recall)
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            # Before ModelCheckpoint saves this epoch: its checkpoint carries its temperature.
+            logits, targets = self.eval_logits.compute(), self.eval_targets.compute()
+            self.temperature.fill_(fit_temperature(logits, targets))
+            self.log("val/temperature", self.temperature, sync_dist=True)
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def on_test_epoch_start(self):
         self.eval_targets.reset()
-        self.eval_probs.reset()
+        self.eval_logits.reset()
+        self.eval_novelty.reset()
 
     def test_step(self, batch, batch_idx):
-        loss, logits, targets = self._step(batch)
+        loss, logits, targets, features = self._eval_step(batch)
         self.test_loss(loss)
         self.test_acc(logits, targets)
         self.test_acc_top3(logits, targets)
         self.test_f1(logits, targets)
         self.test_recall(logits, targets)
         self.eval_targets.update(targets)
-        self.eval_probs.update(logits.float().softmax(dim=1))
+        self.eval_logits.update(logits.float())
+        unscored = torch.full(targets.shape, float("nan"), device=targets.device)
+        self.eval_novelty.update(self.novelty(features) if features is not None else unscored)
         self.log(f"{self.test_split}/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log(f"{self.test_split}/acc", self.test_acc, on_step=False, on_epoch=True)
         self.log(f"{self.test_split}/acc_top3", self.test_acc_top3, on_step=False, on_epoch=True)
@@ -251,10 +343,24 @@ class SEMClassifier(LightningModule):
         """(targets, predicted classes) of the last validation or test pass."""
         return self.eval_targets.compute().long(), self.probabilities().argmax(dim=1)
 
-    def probabilities(self) -> torch.Tensor:
+    def probabilities(self, calibrated: bool = True) -> torch.Tensor:
         """(N, num_classes) class probabilities of the last validation or test pass, in the
-        loader's order."""
-        return self.eval_probs.compute()
+        loader's order; temperature-scaled unless `calibrated=False`."""
+        logits = self.eval_logits.compute()
+        return self.calibrated(logits) if calibrated else logits.softmax(dim=1)
+
+    def novelty_of_test_pass(self) -> torch.Tensor:
+        """(N,) novelty scores of the last test pass (NaN without references)."""
+        return self.eval_novelty.compute()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        # Checkpoints from before calibration and novelty: temperature 1, no references.
+        state.setdefault("temperature", torch.ones(()))
+        state.setdefault("novelty_references", self.novelty_references[:0])
+        state.setdefault("novelty_threshold", torch.tensor(float("nan")))
+        # The references' row count is the checkpoint's, not the empty buffer's.
+        self.novelty_references = torch.empty_like(state["novelty_references"])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets eval.py link its results to the training run.
