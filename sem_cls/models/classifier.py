@@ -126,7 +126,7 @@ class SEMClassifier(LightningModule):
         self.eval_targets, self.eval_logits, self.eval_novelty = (
             CatMetric(),
             CatMetric(),
-            CatMetric(),
+            CatMetric(nan_strategy="disable"),  # NaN: not scored
         )
         # Calibration and novelty: fitted in training, restored from checkpoints.
         self.register_buffer("temperature", torch.ones(()))
