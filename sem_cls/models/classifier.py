@@ -216,7 +216,8 @@ class SEMClassifier(LightningModule):
             return
         train, val = (self.split_features(datamodule, split) for split in ("train", "val"))
         self.novelty_references = novelty.reference_features(train).to(self.device)
-        threshold = novelty.fit_threshold(self.novelty(val.to(self.device)), share)
+        val_scores = novelty.novelty_scores(val.to(self.device), self.novelty_references)
+        threshold = novelty.fit_threshold(val_scores, share)
         self.novelty_threshold.fill_(threshold)
         log.info(
             "Novelty: %d training images as references, threshold %.4f (%.0f%% of validation)",
@@ -233,12 +234,8 @@ class SEMClassifier(LightningModule):
             batch_size=datamodule.batch_size,
             num_workers=datamodule.num_workers,
         )
-        parts = []
-        for images, _ in loader:
-            images = images.to(self.device)
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=datamodule.bf16):
-                parts.append(self.backbone_features(images)[0].float().cpu())
-        return torch.cat(parts)
+        # float32, as the loaders feed the backbone when the cache is off.
+        return torch.cat([self.backbone_features(x.to(self.device))[0].cpu() for x, _ in loader])
 
     def _eval_step(self, batch):
         """Loss, logits, targets and backbone features (None under TTA) of an evaluation batch."""
