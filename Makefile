@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo train download test test-fast lint format ui server bench clean
+.PHONY: help venv demo train download test test-fast lint format ui server serve-model bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,17 @@ server: $(STAMP)  ## MLflow tracking server for runs and artifacts in mlruns/, o
 	$(VENV)/bin/mlflow server --host $(HOST) --port $(PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--serve-artifacts --artifacts-destination $(CURDIR)/mlruns/artifacts
+
+# serve-model: MODEL=models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/model or a
+# downloaded model folder; looked up in this project's store unless MLFLOW_TRACKING_URI says else.
+MODEL ?=
+MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
+serve-model: $(STAMP)  ## REST API of a trained model (MLflow scoring server): MODEL=models:/sem-cls@champion PORT=5001
+	@test -n "$(MODEL)" || { echo "Give the model: make serve-model MODEL=models:/<name>@<alias> (or runs:/<run id>/model, or a folder)"; exit 2; }
+	# The server starts uvicorn by name (the venv's bin/), and the model's loader is sem_cls.
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+		MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" \
+		$(VENV)/bin/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(PORT)
 
 bench: $(STAMP)  ## the benchmarks of docs/performance.md (about 30 minutes)
 	$(PY) bench/throughput.py

@@ -29,7 +29,13 @@ from sem_cls.registry import (  # noqa: E402
     load_model,
 )
 from sem_cls.runner import build_trainer  # noqa: E402
-from sem_cls.tracking import log_artifacts, print_summary, set_tags  # noqa: E402
+from sem_cls.tracking import (  # noqa: E402
+    log_artifacts,
+    mark_model_training,
+    mlflow_loggers,
+    print_summary,
+    set_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if "mlflow_run_id" in checkpoint:
         tags["evaluated_run_id"] = checkpoint["mlflow_run_id"]
     set_tags(trainer.loggers, tags)
+    for logger in mlflow_loggers(trainer.loggers):
+        mark_model_training(logger)
     trainer.test(model, datamodule=datamodule)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if OmegaConf.select(cfg, "saliency.images") and trainer.is_global_zero:  # once, not per rank

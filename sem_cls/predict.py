@@ -22,7 +22,7 @@ from sem_cls.data.engines import create_engine
 from sem_cls.data.images import is_image_file, walk_files
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error
 from sem_cls.evaluation.scores import top_k
-from sem_cls.models.inference import UNCERTAIN, classify_files, decide
+from sem_cls.models.inference import UNCERTAIN, UNKNOWN, classify_files, decide, unknown_images
 from sem_cls.registry import load_model
 
 log = logging.getLogger(__name__)
@@ -58,26 +58,31 @@ def write_predictions(
     class_names: list[str],
     k: int,
     min_confidence: float | None,
+    novelty: np.ndarray | None = None,
+    unknown: np.ndarray | None = None,
 ) -> Path:
-    """CSV: path, predicted_class, confidence, top<i>_class and top<i>_prob for i <= k, error."""
+    """CSV: path, predicted_class, confidence, novelty, top<i>_class and top<i>_prob for i <= k,
+    error. `novelty` is empty where not scored (novelty off, or a model without references)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     classes, values = top_k(np.nan_to_num(probs, nan=0.0), k)
-    decisions = decide(probs, class_names, min_confidence)
+    decisions = decide(probs, class_names, min_confidence, unknown)
+    novelty = np.full(len(files), np.nan) if novelty is None else novelty
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        header = PREDICTIONS_HEADER.split(",")
+        header = [*PREDICTIONS_HEADER.split(","), "novelty"]
         for rank in range(1, classes.shape[1] + 1):
             header += [f"top{rank}_class", f"top{rank}_prob"]
         writer.writerow([*header, "error"])
-        for file, decision, top, top_probs, error in zip(
-            files, decisions, classes, values, errors, strict=True
+        for file, decision, top, top_probs, score, error in zip(
+            files, decisions, classes, values, novelty, errors, strict=True
         ):
             if error:
-                writer.writerow([file, "", "", *[""] * (2 * len(top)), error])
+                writer.writerow([file, "", "", "", *[""] * (2 * len(top)), error])
                 continue
             ranked = [item for i, p in zip(top, top_probs, strict=True) for item in
                       (class_names[i], f"{p:.6f}")]  # fmt: skip
-            writer.writerow([file, decision, f"{top_probs[0]:.6f}", *ranked, ""])
+            scored = "" if np.isnan(score) else f"{score:.6f}"
+            writer.writerow([file, decision, f"{top_probs[0]:.6f}", scored, *ranked, ""])
     return path
 
 
@@ -137,7 +142,7 @@ def predict(cfg) -> Path:
                 Path(cfg.paths.cache_dir) / "engines",
             )
         )
-    probs, errors = classify_files(
+    probs, errors, novelty = classify_files(
         model.to(device),
         files,
         info_bar=info_bar,
@@ -146,14 +151,26 @@ def predict(cfg) -> Path:
         num_workers=cfg.num_workers,
         bf16=bf16,
     )
+    unknown = unknown_images(model, novelty, cfg.get("novelty", True))
+    if not cfg.get("novelty", True):
+        novelty = None
     output = write_predictions(
-        Path(cfg.output), files, probs, errors, model.class_names, cfg.top_k, cfg.min_confidence
+        Path(cfg.output),
+        files,
+        probs,
+        errors,
+        model.class_names,
+        cfg.top_k,
+        cfg.min_confidence,
+        novelty,
+        unknown,
     )
-    decisions = decide(probs, model.class_names, cfg.min_confidence)
+    decisions = decide(probs, model.class_names, cfg.min_confidence, unknown)
     unreadable = sum(bool(error) for error in errors)
     print(
         f"{len(files)} images: {len(files) - unreadable} classified "
-        f"({decisions.count(UNCERTAIN)} uncertain), {unreadable} unreadable\n"
+        f"({decisions.count(UNKNOWN)} unknown, {decisions.count(UNCERTAIN)} uncertain), "
+        f"{unreadable} unreadable\n"
         f"Predictions: {output}"
     )
     for file, error in [(f, e) for f, e in zip(files, errors, strict=True) if e][:20]:

@@ -15,13 +15,14 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sem_cls.data.engines import create_engine
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
-from sem_cls.models.inference import classify_files, decide
+from sem_cls.models.inference import classify_files, decide, unknown_images
 from sem_cls.tracking import mlflow_loggers, tracking_client
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,10 @@ class PyfuncClassifier:
     """What `mlflow.pyfunc.load_model` returns for a sem-cls model.
 
     predict(DataFrame with an `image` column of encoded image files, as bytes) -> DataFrame with
-    `predicted_class`, `confidence`, `prob_<Class>` for every class, and `error` (why an image
-    could not be read; its other columns are empty). Param `min_confidence` marks images below
-    it `uncertain`.
+    `predicted_class`, `confidence`, `novelty`, `prob_<Class>` for every class (temperature-
+    scaled), and `error` (why an image could not be read; its other columns are empty). Param
+    `min_confidence` marks images below it `uncertain`; images unlike the training images are
+    `unknown` unless param `novelty` is false.
     """
 
     def __init__(self, model: SEMClassifier, settings: dict, data_path: Path | None = None):
@@ -131,13 +133,14 @@ class PyfuncClassifier:
         import pandas as pd
 
         min_confidence = (params or {}).get("min_confidence")
+        use_novelty = bool((params or {}).get("novelty", True))
         with tempfile.TemporaryDirectory() as tmp:
             files = []
             for index, data in enumerate(model_input["image"]):
                 # Through files, so bytes go the way every other image goes (check, crop, decode).
                 files.append(Path(tmp) / f"{index:06d}")
                 files[-1].write_bytes(bytes(data))
-            probs, errors = classify_files(
+            probs, errors, novelty = classify_files(
                 self.model,
                 files,
                 info_bar=self.settings["info_bar"],
@@ -146,10 +149,12 @@ class PyfuncClassifier:
                 num_workers=0,
                 progress=False,
             )
+        unknown = unknown_images(self.model, novelty, use_novelty)
         table = pd.DataFrame(
             {
-                "predicted_class": decide(probs, self.model.class_names, min_confidence),
+                "predicted_class": decide(probs, self.model.class_names, min_confidence, unknown),
                 "confidence": probs.max(axis=1),  # NaN for an unreadable image
+                "novelty": novelty if use_novelty else np.nan,
             }
         )
         for index, name in enumerate(self.model.class_names):
@@ -170,12 +175,15 @@ def _signature(class_names: list[str]):
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     outputs = [ColSpec("string", "predicted_class"), ColSpec("double", "confidence")]
+    outputs.append(ColSpec("double", "novelty"))
     outputs += [ColSpec("double", f"prob_{name}") for name in class_names]
     outputs.append(ColSpec("string", "error"))
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema(outputs),
-        params=ParamSchema([ParamSpec("min_confidence", "double", 0.0)]),
+        params=ParamSchema(
+            [ParamSpec("min_confidence", "double", 0.0), ParamSpec("novelty", "boolean", True)]
+        ),
     )
 
 

@@ -187,6 +187,18 @@ def run_callbacks(loggers) -> list[Callback]:
     return [RunIdInCheckpoints(), ReportArtifacts()] if mlflow_loggers(loggers) else []
 
 
+# The MLflow UI opens an experiment in the view its kind names; without the tag it guesses, and
+# may open the GenAI (traces) view for these classifier runs.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def mark_model_training(logger: MLFlowLogger) -> None:
+    """Tag the logger's experiment as model training, unless it already has a kind."""
+    client, experiment_id = logger.experiment, logger.experiment_id
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
 def git_state(repo_dir: Path) -> dict[str, str]:
     """Commit and dirty flag of the code that ran, under MLflow's own tag names (the UI shows the
     commit with the run); 'unknown' outside a git checkout."""
@@ -237,6 +249,7 @@ def log_run_context(
         **sweep_tags(cfg),  # sweep_id, sweep_job, sweep_overrides in a multirun
     }
     for logger in mlflow_loggers(loggers):
+        mark_model_training(logger)
         if resumed_from is None:  # a continued run has its params; MLflow refuses new values
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         else:

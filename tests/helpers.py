@@ -150,3 +150,57 @@ def run_predict(trained_run, tmp_path, ckpt_path, inputs, *overrides) -> list[di
     predict(predict_cfg)
     with open(output) as f:
         return list(csv.DictReader(f))
+
+
+def write_images_unlike_sem(folder: Path, per_kind: int = 4, seed: int = 0) -> list[Path]:
+    """Images no SEM ever took, `per_kind` of each: photo-like colour scenes, line drawings on
+    white, a page of text, and colour noise. For checking that the model says `unknown`."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    width, height = 640, 480
+    paths = []
+    for index in range(per_kind):
+        # A landscape: sky gradient, a green field, coloured blobs (trees, flowers, a sun).
+        y = np.linspace(0, 1, height)[:, None, None]
+        sky = (1 - y) * np.array([90, 150, 235]) + y * np.array([200, 225, 250])
+        scene = np.broadcast_to(sky, (height, width, 3)).copy()
+        horizon = int(height * rng.uniform(0.45, 0.65))
+        scene[horizon:] = np.array([60, 140, 50]) + rng.normal(0, 18, (height - horizon, width, 3))
+        photo = Image.fromarray(scene.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(photo)
+        for _ in range(12):
+            x0, y0 = rng.integers(0, width), rng.integers(0, height)
+            r = int(rng.integers(10, 60))
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=colour)
+        paths.append(folder / f"photo_{index}.png")
+        photo.save(paths[-1])
+
+        drawing = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(drawing)
+        for _ in range(25):
+            points = [tuple(int(v) for v in rng.integers(0, (width, height))) for _ in range(2)]
+            if rng.random() < 0.5:
+                draw.line(points, fill="black", width=int(rng.integers(1, 5)))
+            else:
+                box = (*np.min(points, axis=0).tolist(), *np.max(points, axis=0).tolist())
+                draw.ellipse(box, outline="black", width=2)
+        paths.append(folder / f"drawing_{index}.png")
+        drawing.save(paths[-1])
+
+        page = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(page)
+        words = ["sample", "results", "figure", "the", "of", "and", "method", "data", "table"]
+        for line in range(28):
+            text = " ".join(rng.choice(words, 12).tolist())
+            draw.text((24, 12 + 16 * line), text, fill="black")
+        paths.append(folder / f"text_{index}.png")
+        page.save(paths[-1])
+
+        noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        paths.append(folder / f"noise_{index}.png")
+        Image.fromarray(noise).save(paths[-1])
+    return paths

@@ -94,11 +94,11 @@ def tiny_model():
 @FAST
 @given(case=bad_files())
 def test_prediction_classifies_or_reports_every_file(tmp_path_factory, tiny_model, case):
-    from sem_cls.predict import classify_files
+    from sem_cls.models.inference import classify_files
 
     root = tmp_path_factory.mktemp("inputs")
     good, bad = folder_with(root, *case)
-    probs, errors = classify_files(tiny_model, [good, bad], bf16=False, progress=False)
+    probs, errors, _ = classify_files(tiny_model, [good, bad], bf16=False, progress=False)
     assert errors[0] == "" and np.isfinite(probs[0]).all()
     assert bool(errors[1]) == bool(np.isnan(probs[1]).all()), "unreadable rows are NaN and named"
     if not errors[1]:

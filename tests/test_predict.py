@@ -101,7 +101,8 @@ def test_checkpoint_registered_model_and_evaluation_agree(trained_run, mixed_fol
         evaluated = list(csv.DictReader(f))
     paths = ",".join(row["path"] for row in evaluated)
     predicted = run_predict(trained_run, tmp_path, best_checkpoint(cfg), f"[{paths}]")
-    assert [r["predicted_class"] for r in predicted] == [r["predicted_class"] for r in evaluated]
+    # top1: predict says `unknown` for the few test images past the novelty threshold.
+    assert [r["top1_class"] for r in predicted] == [r["top1_class"] for r in evaluated]
     np.testing.assert_allclose(probabilities(predicted), probabilities(evaluated), atol=1e-3)
 
 

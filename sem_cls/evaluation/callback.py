@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler
 
 from sem_cls.errors import UserError
 from sem_cls.evaluation.reports import write_evaluation, write_reports
-from sem_cls.evaluation.scores import split_scores
+from sem_cls.evaluation.scores import expected_calibration_error, split_scores
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,16 @@ class EvaluationReports(Callback):
             self._report_test_set(trainer, pl_module, split)
 
     def _report_test_set(self, trainer, pl_module, split: str) -> None:
-        targets, probs = in_split_order(
-            trainer, split, pl_module.predictions(split)[0], pl_module.probabilities(split)
+        targets, probs, raw_probs, novelty = in_split_order(
+            trainer,
+            split,
+            pl_module.predictions(split)[0],
+            pl_module.probabilities(split),
+            pl_module.probabilities(split, calibrated=False),
+            pl_module.novelty_of_test_pass(split),
         )
         targets, probs = targets.cpu().numpy(), probs.cpu().double().numpy()
+        raw_probs, novelty = raw_probs.cpu().double().numpy(), novelty.cpu().double().numpy()
         settings = self.settings
         scores = split_scores(
             targets,
@@ -132,8 +138,21 @@ class EvaluationReports(Callback):
             settings["seed"],
             settings["calibration_bins"],
         )
+        # Calibration's effect: the same pass before temperature scaling.
+        scores["ece_uncalibrated"] = expected_calibration_error(
+            targets, raw_probs, settings["calibration_bins"]
+        )
+        scores["temperature"] = float(pl_module.temperature)
         extra = ("acc_ci_low", "acc_ci_high", "f1_macro_ci_low", "f1_macro_ci_high")
-        for name in (*extra, "f1_weighted", "ece"):
+        names = [*extra, "f1_weighted", "ece", "ece_uncalibrated"]
+        if not np.isnan(novelty).any():
+            # Images past the novelty threshold: ~its validation share on the test split, more
+            # on images unlike the training ones.
+            scores["unknown_share"] = float((novelty > float(pl_module.novelty_threshold)).mean())
+            names.append("unknown_share")
+        else:
+            novelty = None
+        for name in names:
             # Every rank computed the same scores from the gathered predictions.
             pl_module.log(f"{split}/{name}", scores[name], sync_dist=True, add_dataloader_idx=False)
         if not trainer.is_global_zero:
@@ -148,6 +167,8 @@ class EvaluationReports(Callback):
             self._title(split, targets, probs.argmax(axis=1)),
             scores,
             settings,
+            novelty,
+            float(pl_module.novelty_threshold),
         )
         log.info("%s reports in %s", split, out_dir)
 

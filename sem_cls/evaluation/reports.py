@@ -32,16 +32,26 @@ def write_matrix_csv(path: Path, matrix: np.ndarray, class_names: list[str]) -> 
     return path
 
 
-def plot_matrix(path: Path, matrix: np.ndarray, class_names: list[str], title: str, fmt: str):
+# White border around saved figures, in inches: nothing drawn touches the edge of the image.
+FIGURE_MARGIN = 0.25
+
+
+def matrix_figure(matrix: np.ndarray, class_names: list[str], title: str, fmt: str):
     size = max(6, 0.7 * len(class_names))
-    fig, ax = plt.subplots(figsize=(size, size))
+    # Constrained layout sizes the axes around the long class names and the title.
+    fig, ax = plt.subplots(figsize=(size, size), layout="constrained")
     ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
         ax=ax, cmap="Blues", xticks_rotation=45, colorbar=False, values_format=fmt
     )
     plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")  # long class names
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
+
+
+def plot_matrix(path: Path, matrix: np.ndarray, class_names: list[str], title: str, fmt: str):
+    fig = matrix_figure(matrix, class_names, title, fmt)
+    # The saved image is the drawing's own extent plus a margin, whatever the labels' length.
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=FIGURE_MARGIN)
     plt.close(fig)
     return path
 
@@ -158,23 +168,32 @@ def write_predictions_csv(
     image_paths: list[str],
     class_names: list[str],
     k: int = 3,
+    novelty: np.ndarray | None = None,
+    novelty_threshold: float = float("nan"),
 ) -> Path:
     """One row per image: path, true and predicted class, confidence, the top k with their
-    probabilities."""
+    probabilities; with `novelty`, each image's score and whether it passes the threshold."""
     classes, values = score_lib.top_k(probs, k)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         header = ["path", "true_class", "predicted_class", "confidence", "correct"]
         for rank in range(1, classes.shape[1] + 1):
             header += [f"top{rank}_class", f"top{rank}_prob"]
+        if novelty is not None:
+            header += ["novelty", "unknown"]
         writer.writerow(header)
-        for image, target, top, top_probs in zip(
-            image_paths, targets, classes, values, strict=True
+        for index, (image, target, top, top_probs) in enumerate(
+            zip(image_paths, targets, classes, values, strict=True)
         ):
             row = [image, class_names[target], class_names[top[0]], f"{top_probs[0]:.6f}"]
             row.append(str(bool(top[0] == target)).lower())
-            for index, prob in zip(top, top_probs, strict=True):
-                row += [class_names[index], f"{prob:.6f}"]
+            for label, prob in zip(top, top_probs, strict=True):
+                row += [class_names[label], f"{prob:.6f}"]
+            if novelty is not None:
+                row += [
+                    f"{novelty[index]:.6f}",
+                    str(bool(novelty[index] > novelty_threshold)).lower(),
+                ]
             writer.writerow(row)
     return path
 
@@ -188,6 +207,8 @@ def write_evaluation(
     title: str,
     scores: dict[str, float],
     settings: dict,
+    novelty: np.ndarray | None = None,
+    novelty_threshold: float = float("nan"),
 ) -> list[Path]:
     """Every report of a test or external split from its (N,) targets and (N, C) probabilities:
     write_reports' files, metrics.json (`scores` and how they were computed),
@@ -204,7 +225,8 @@ def write_evaluation(
         targets,
         probs,
         bins,
-        f"{title}\nexpected calibration error {scores['ece']:.3f} ({bins} bins)",
+        f"{title}\nexpected calibration error {scores['ece']:.3f} ({bins} bins; "
+        f"{scores.get('ece_uncalibrated', scores['ece']):.3f} before temperature scaling)",
     )
     paths += [metrics_json, reliability]
     if samples is not None:
@@ -221,6 +243,14 @@ def write_evaluation(
         )
     image_paths = [str(s.path) for s in samples] if samples is not None else [""] * len(targets)
     paths.append(
-        write_predictions_csv(out_dir / "predictions.csv", targets, probs, image_paths, class_names)
+        write_predictions_csv(
+            out_dir / "predictions.csv",
+            targets,
+            probs,
+            image_paths,
+            class_names,
+            novelty=novelty,
+            novelty_threshold=novelty_threshold,
+        )
     )
     return paths

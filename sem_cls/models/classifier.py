@@ -1,9 +1,13 @@
 """SEMClassifier: a timm backbone, frozen by default, with a new head (a LightningModule)."""
 
+import logging
+
+import numpy as np
 import timm.data
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from timm.data import resolve_model_data_config
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -11,7 +15,10 @@ from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
 from sem_cls.errors import UserError
-from sem_cls.models import backbones, finetune
+from sem_cls.models import backbones, finetune, novelty
+from sem_cls.models.calibration import fit_temperature
+
+log = logging.getLogger(__name__)
 
 CLASS_WEIGHTINGS = ("none", "balanced")
 # Weight of InceptionV3's auxiliary loss, as in its paper and torchvision's recipe.
@@ -26,6 +33,12 @@ class SEMClassifier(LightningModule):
     fine-tunes everything; a number N fine-tunes the last N stages (sem_cls.models.finetune),
     after `unfreeze_after` epochs of head-only training, optionally with layer-wise learning-rate
     decay and a warmup + cosine schedule.
+
+    Probabilities are temperature-scaled: every validation epoch fits the temperature on its
+    own logits (sem_cls.models.calibration), so each checkpoint carries the one of its weights.
+    A frozen backbone also keeps (a subset of) the training split's features and the novelty
+    threshold past which `novelty_val_share` of the validation images lie (sem_cls.models.novelty).
+    All three are buffers: checkpoints carry them as tensors.
     """
 
     def __init__(
@@ -49,6 +62,7 @@ class SEMClassifier(LightningModule):
         mixup: dict | None = None,
         compile: bool = False,
         tta: bool = False,
+        novelty_val_share: float | None = 0.05,
     ):
         super().__init__()
         if class_weighting not in CLASS_WEIGHTINGS:
@@ -110,7 +124,13 @@ class SEMClassifier(LightningModule):
         # Training-loss weight per class; set from the training split's counts in setup().
         self.register_buffer("class_weights", torch.ones(num_classes), persistent=False)
         # Targets and class probabilities of the current validation pass, for the reports.
-        self.eval_targets, self.eval_probs = CatMetric(), CatMetric()
+        self.eval_targets, self.eval_logits = CatMetric(), CatMetric()
+        # Calibration and novelty: fitted in training, restored from checkpoints.
+        self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer(
+            "novelty_references", torch.zeros(0, self.backbone.num_features).half()
+        )
+        self.register_buffer("novelty_threshold", torch.tensor(float("nan")))
         # Per test set (see setup): test_metrics[i] holds its scores, targets and probabilities.
         self.test_metrics = nn.ModuleList([self._test_metrics()])
 
@@ -125,7 +145,8 @@ class SEMClassifier(LightningModule):
                 "f1_macro": MulticlassF1Score(num_classes, average="macro"),
                 "recall": MulticlassRecall(num_classes, average=None),
                 "targets": CatMetric(),
-                "probs": CatMetric(),
+                "logits": CatMetric(),
+                "novelty": CatMetric(nan_strategy="disable"),  # NaN: not scored
             }
         )
 
@@ -188,6 +209,21 @@ class SEMClassifier(LightningModule):
         views = [torch.rot90(v, k, (-2, -1)) for v in (images, images.flip(-1)) for k in range(4)]
         return torch.stack([self(view).float().softmax(1) for view in views]).mean(0).log()
 
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, temperature-scaled: (B, num_classes) -> (B, num_classes)."""
+        return (logits.float() / self.temperature).softmax(dim=1)
+
+    @property
+    def has_novelty(self) -> bool:
+        return len(self.novelty_references) > 0 and not self.novelty_threshold.isnan()
+
+    def novelty(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, num_features) -> (B,) distance to the nearest training image; NaN without
+        references (a backbone that learned has none)."""
+        if not self.has_novelty:
+            return features.new_full((len(features),), float("nan"), dtype=torch.float32)
+        return novelty.novelty_scores(features, self.novelty_references)
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and self.hparams.class_weighting == "balanced" and datamodule:
@@ -201,18 +237,65 @@ class SEMClassifier(LightningModule):
             self.test_sets = list(getattr(datamodule, "test_set_names", None) or ["test"])
             self.test_metrics = nn.ModuleList(self._test_metrics() for _ in self.test_sets)
 
-    def _step(self, batch: dict, training: bool = False):
-        """Loss, logits and targets of a batch: {"image": (B, 3, H, W), "label": (B,)}, or
-        {"features": (B, num_features), ...} of a frozen backbone's cache, where only the head
-        runs."""
+    def on_fit_start(self) -> None:
+        # A frozen backbone's features never change: the novelty references and threshold
+        # fitted once hold for every checkpoint of the run.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        share = self.hparams.novelty_val_share
+        if not share or datamodule is None:
+            return
+        if not self.frozen:
+            log.warning(
+                "No novelty detection for this model: its backbone learns, so its features "
+                "move away from any reference taken now; predictions never say `unknown`."
+            )
+            return
+        train, val = (self.split_features(datamodule, split) for split in ("train", "val"))
+        self.novelty_references = novelty.reference_features(train).to(self.device)
+        val_scores = novelty.novelty_scores(val.to(self.device), self.novelty_references)
+        threshold = novelty.fit_threshold(val_scores, share)
+        self.novelty_threshold.fill_(threshold)
+        log.info(
+            "Novelty: %d training images as references, threshold %.4f (%.0f%% of validation)",
+            len(self.novelty_references), threshold, 100 * share,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def split_features(self, datamodule, split: str) -> torch.Tensor:
+        """(N, num_features) frozen-backbone features of a split: extracted in the datamodule's
+        setup, or computed here (cache off, or augmented training images)."""
+        if split in datamodule.features:
+            return torch.from_numpy(np.asarray(datamodule.features[split])).float()
+        loader = torch.utils.data.DataLoader(
+            datamodule.image_dataset(datamodule.samples[split]),  # the evaluation transform
+            batch_size=datamodule.batch_size,
+            num_workers=datamodule.num_workers,
+        )
+        # float32, as the loaders feed the backbone when the cache is off.
+        return torch.cat(
+            [self.backbone_features(b["image"].to(self.device))[0].cpu() for b in loader]
+        )
+
+    def _eval_step(self, batch: dict):
+        """Loss, logits, targets and backbone features (None under TTA) of an evaluation batch:
+        {"image": (B, 3, H, W), "label": (B,)}, or {"features": (B, num_features), ...} of a
+        frozen backbone's cache, where only the head runs."""
         targets = batch["label"]
+        if "features" in batch:
+            features = batch["features"]
+        elif self.tta:
+            logits = self.tta_logits(batch["image"])  # eight views: no single feature vector
+            return F.cross_entropy(logits, targets), logits, targets, None
+        else:
+            features = self.backbone_features(batch["image"])[0]
+        logits = self.head(features)
+        return F.cross_entropy(logits, targets), logits, targets, features
+
+    def _step(self, batch: dict, training: bool = False):
+        """Loss, logits and targets of a batch (see _eval_step for what a batch holds)."""
         if not training:
-            if "features" in batch:
-                logits = self.head(batch["features"])
-            else:
-                images = batch["image"]
-                logits = self.tta_logits(images) if self.tta else self(images)
-            return F.cross_entropy(logits, targets), logits, targets
+            return self._eval_step(batch)[:3]
+        targets = batch["label"]
         learned = targets
         if "features" in batch:
             features, aux = batch["features"], None
@@ -242,7 +325,7 @@ class SEMClassifier(LightningModule):
 
     def on_validation_epoch_start(self):
         self.eval_targets.reset()
-        self.eval_probs.reset()
+        self.eval_logits.reset()
 
     def validation_step(self, batch, batch_idx):
         loss, logits, targets = self._step(batch)
@@ -251,7 +334,7 @@ class SEMClassifier(LightningModule):
         self.val_f1(logits, targets)
         self.val_recall(logits, targets)
         self.eval_targets.update(targets)
-        self.eval_probs.update(logits.float().softmax(dim=1))
+        self.eval_logits.update(logits.float())
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/f1_macro", self.val_f1, on_step=False, on_epoch=True)
@@ -269,17 +352,24 @@ class SEMClassifier(LightningModule):
             self.val_recall.reset()
             return
         self._log_recall("val", self.val_recall)
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            # Before ModelCheckpoint saves this epoch: its checkpoint carries its temperature.
+            logits, targets = self.eval_logits.compute(), self.eval_targets.compute()
+            self.temperature.fill_(fit_temperature(logits, targets))
+            self.log("val/temperature", self.temperature, sync_dist=True)
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        loss, logits, targets = self._step(batch)
+        loss, logits, targets, features = self._eval_step(batch)
         name, metrics = self.test_sets[dataloader_idx], self.test_metrics[dataloader_idx]
         metrics["loss"](loss)
         for key in ("acc", "acc_top3", "f1_macro", "recall"):
             metrics[key](logits, targets)
         metrics["targets"].update(targets)
-        metrics["probs"].update(logits.float().softmax(dim=1))
+        metrics["logits"].update(logits.float())
+        unscored = torch.full(targets.shape, float("nan"), device=targets.device)
+        metrics["novelty"].update(self.novelty(features) if features is not None else unscored)
         # Named by the test set, not by Lightning's dataloader index.
         for key in ("loss", "acc", "acc_top3", "f1_macro"):
             value = metrics[key]
@@ -290,21 +380,36 @@ class SEMClassifier(LightningModule):
             self._log_recall(name, metrics["recall"])
 
     def _pass(self, test_set: str | None):
-        """Targets and probabilities of the last validation pass, or of test set `test_set`."""
+        """Targets and logits of the last validation pass, or of test set `test_set`."""
         if test_set is None:
-            return self.eval_targets, self.eval_probs
+            return self.eval_targets, self.eval_logits
         metrics = self.test_metrics[self.test_sets.index(test_set)]
-        return metrics["targets"], metrics["probs"]
+        return metrics["targets"], metrics["logits"]
 
     def predictions(self, test_set: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(targets, predicted classes) of the last validation pass, or of test set `test_set`
         of the last test pass."""
         return self._pass(test_set)[0].compute().long(), self.probabilities(test_set).argmax(dim=1)
 
-    def probabilities(self, test_set: str | None = None) -> torch.Tensor:
+    def probabilities(self, test_set: str | None = None, calibrated: bool = True) -> torch.Tensor:
         """(N, num_classes) class probabilities of the last validation pass (or of `test_set`),
-        in the loader's order."""
-        return self._pass(test_set)[1].compute()
+        in the loader's order; temperature-scaled unless `calibrated=False`."""
+        logits = self._pass(test_set)[1].compute()
+        return self.calibrated(logits) if calibrated else logits.float().softmax(dim=1)
+
+    def novelty_of_test_pass(self, test_set: str = "test") -> torch.Tensor:
+        """(N,) novelty scores of test set `test_set` of the last test pass (NaN without
+        references)."""
+        return self.test_metrics[self.test_sets.index(test_set)]["novelty"].compute()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        # Checkpoints from before calibration and novelty: temperature 1, no references.
+        state.setdefault("temperature", torch.ones(()))
+        state.setdefault("novelty_references", self.novelty_references[:0])
+        state.setdefault("novelty_threshold", torch.tensor(float("nan")))
+        # The references' row count is the checkpoint's, not the empty buffer's.
+        self.novelty_references = torch.empty_like(state["novelty_references"])
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

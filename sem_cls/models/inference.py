@@ -2,6 +2,7 @@
 preprocessed them: each file checked as ingest checks it, its info bar cropped, the backbone's
 eval transform. Used by `python -m sem_cls.predict` and by the MLflow model (sem_cls.registry)."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,10 @@ from sem_cls.data.ingest import check_image
 from sem_cls.data.samples import Sample, SEMImageDataset, eval_preprocessing
 from sem_cls.data.workers import worker_init_fn
 
+log = logging.getLogger(__name__)
+
 UNCERTAIN = "uncertain"
+UNKNOWN = "unknown"  # unlike the training images (sem_cls.models.novelty)
 
 
 class ImagesToClassify(Dataset):
@@ -57,9 +61,10 @@ def classify_files(
     num_workers: int = 0,
     bf16: bool = True,
     progress: bool = True,
-) -> tuple[np.ndarray, list[str]]:
-    """(N, num_classes) class probabilities of `files`, NaN for a file that could not be read,
-    and each file's error ("" when read)."""
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(N, num_classes) temperature-scaled class probabilities of `files`, NaN for a file that
+    could not be read, each file's error ("" when read), and (N,) novelty scores (NaN where
+    unread, or for a model without novelty references)."""
     dataset = ImagesToClassify(files, model.data_config, info_bar, max_pixels)
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init_fn
@@ -69,29 +74,53 @@ def classify_files(
     # A frozen backbone runs as the feature cache ran it for training and evaluation (its
     # engine, bf16 with data.bf16), so the head sees the features it was fit on.
     engine = (model.engine or TorchEngine(model.backbone, bf16)) if model.frozen else None
-    probs, errors = [], []
+    probs, errors, novelty = [], [], []
     bar = tqdm(total=len(files), desc="Classifying", unit="image", disable=not progress)
     with torch.inference_mode(), bar:
         for images, batch_errors in loader:
             images = images.to(device)
             # (B, 3, H, W) -> (B, num_features)
             features = engine(images) if engine else model.backbone_features(images)[0]
-            probs.append(model.head(features.to(device)).float().softmax(dim=1).cpu())
+            features = features.to(device).float()
+            probs.append(model.calibrated(model.head(features)).cpu())
+            novelty.append(model.novelty(features).cpu())
             errors += batch_errors
             bar.update(len(images))
-    probs = torch.cat(probs).double().numpy()
-    probs[[bool(error) for error in errors]] = np.nan
-    return probs, errors
+    probs, novelty = torch.cat(probs).double().numpy(), torch.cat(novelty).double().numpy()
+    unread = [bool(error) for error in errors]
+    probs[unread], novelty[unread] = np.nan, np.nan
+    return probs, errors, novelty
 
 
-def decide(probs: np.ndarray, class_names: list[str], min_confidence: float | None) -> list[str]:
-    """The class of each image, `uncertain` below `min_confidence`, "" where unreadable."""
+def decide(
+    probs: np.ndarray,
+    class_names: list[str],
+    min_confidence: float | None,
+    unknown: np.ndarray | None = None,
+) -> list[str]:
+    """The class of each image, `unknown` where `unknown` is true (unlike the training images),
+    `uncertain` below `min_confidence`, "" where unreadable."""
     decisions = []
-    for row in probs:
+    unknown = np.zeros(len(probs), bool) if unknown is None else unknown
+    for row, novel in zip(probs, unknown, strict=True):
         if np.isnan(row).any():
             decisions.append("")
+        elif novel:
+            decisions.append(UNKNOWN)
         elif min_confidence is not None and row.max() < min_confidence:
             decisions.append(UNCERTAIN)
         else:
             decisions.append(class_names[int(row.argmax())])
     return decisions
+
+
+def unknown_images(model, novelty: np.ndarray, enabled: bool = True) -> np.ndarray:
+    """(N,) true for images past the model's novelty threshold; all false when off or when the
+    model has no novelty references (said once, so a missing `unknown` is not a surprise)."""
+    if not enabled:
+        return np.zeros(len(novelty), bool)
+    if not model.has_novelty:
+        log.warning("This model has no novelty references: no image is marked `unknown`.")
+        return np.zeros(len(novelty), bool)
+    with np.errstate(invalid="ignore"):  # NaN for unreadable files: not unknown, unread
+        return novelty > float(model.novelty_threshold)

@@ -1,0 +1,32 @@
+"""What people see first: report figures that show every label, and MLflow opening the runs in
+its model-training view."""
+
+import numpy as np
+from PIL import Image
+
+from sem_cls.evaluation.reports import plot_matrix
+from sem_cls.tracking import EXPERIMENT_KIND_TAG
+
+NFFA_CLASSES = [
+    "Biological", "Fibres", "Films_Coated_Surface", "MEMS_devices_and_electrodes", "Nanowires",
+    "Particles", "Patterned_surface", "Porous_Sponge", "Powder", "Tips",
+]  # fmt: skip
+
+
+def test_confusion_matrix_png_has_a_white_margin_on_every_side(tmp_path):
+    # Long class names last too, where the last column and its label meet the right edge.
+    for names in (NFFA_CLASSES, NFFA_CLASSES[::-1], NFFA_CLASSES[:3]):
+        n = len(names)
+        matrix = np.full((n, n), 1234)
+        path = plot_matrix(tmp_path / "cm.png", matrix, names, "test: 3,175 images\nshare", "d")
+        grey = np.asarray(Image.open(path).convert("L"))
+        rows, columns = np.nonzero(grey < 250)  # anything drawn
+        height, width = grey.shape
+        margins = rows.min(), columns.min(), height - 1 - rows.max(), width - 1 - columns.max()
+        assert min(margins) >= 20, (names[-1], margins)  # 0.25 inch at 100 dpi, nothing cut
+
+
+def test_experiments_open_in_the_model_training_view(trained_run):
+    cfg, _, client, run = trained_run
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
