@@ -78,6 +78,16 @@ def check_command_line(config_dir: Path, config_name: str) -> None:
         return
     if elsewhere or args.experimental_rerun:
         return  # another config than `config_name`: Hydra composes and checks it
+    parser = OverridesParser.create()
+    for override in args.overrides:  # one at a time, so the message names the malformed one
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as err:
+            raise UserError(
+                f"The override {override} is malformed ({str(err).splitlines()[0]}). Overrides "
+                "are key=value, e.g. model.optimizer.lr=1e-3; quote values with brackets or "
+                "commas: 'key=[a,b]'."
+            ) from None
     overrides = args.overrides
     if args.multirun:
         overrides = []
