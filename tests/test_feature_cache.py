@@ -20,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from sem_cls.data.datamodule import SEMDataModule
-from sem_cls.data.engines import TorchEngine
+from sem_cls.data.engines import TorchEngine, native_bf16
 from sem_cls.data.features import FeatureCache
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
@@ -135,6 +135,9 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
 
 
 @pytest.mark.slow  # Lite0 features, twice
+@pytest.mark.skipif(
+    not native_bf16(torch.device("cpu")), reason="this CPU has no native bf16: features are fp32"
+)
 def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
     manifest = split_manifest(tiny_sem_dir, ratios=(0.5, 0.25, 0.25))
     datamodule = SEMDataModule(manifest, num_workers=0)

@@ -24,14 +24,25 @@ log = logging.getLogger(__name__)
 ENGINES = ("torch", "openvino")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: AVX512-BF16/AMX CPUs, Ampere and newer GPUs.
+    Elsewhere bf16 autocast is emulated, and many times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class TorchEngine:
-    """The backbone module itself, in inference mode, channels_last, bf16 autocast if asked."""
+    """The backbone module itself, in inference mode, channels_last, bf16 autocast if asked
+    and the device computes bf16 natively (fp32 elsewhere, said once in the log)."""
 
     name = "torch"
 
     def __init__(self, backbone: nn.Module, bf16: bool):
         self.backbone = backbone
-        self.bf16 = bf16
+        self.bf16 = bool(bf16) and native_bf16(self.device)
+        if bf16 and not self.bf16:
+            log.info("No native bf16 on %s (AVX512-BF16/AMX): features in fp32.", self.device)
         self.num_features = backbone.num_features
 
     @property
