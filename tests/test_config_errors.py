@@ -91,8 +91,10 @@ def test_eval_and_predict_refuse_a_folder_as_checkpoint(tmp_path):
     result = run("eval.py", f"ckpt_path={folder}", tmp_path=tmp_path)
     assert_user_error(result, f"ckpt_path={folder} is a folder")
     assert no_mlflow_run(tmp_path)
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
     result = run_module(
-        "sem_cls.predict", f"ckpt_path={folder}", f"inputs={folder}", tmp_path=tmp_path
+        "sem_cls.predict", f"ckpt_path={folder}", f"inputs={image}", tmp_path=tmp_path
     )
     assert_user_error(result, f"ckpt_path={folder} is a folder")
 
