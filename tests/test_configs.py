@@ -91,7 +91,7 @@ def test_fine_tuning_recipes_build_and_take_a_training_step(experiment, tmp_path
     optimizer = classifier.configure_optimizers()["optimizer"]
     classifier.train()
     size = classifier.data_config["input_size"]
-    batch = (torch.randn(4, *size), torch.tensor([0, 1, 2, 3]))
+    batch = {"image": torch.randn(4, *size), "label": torch.tensor([0, 1, 2, 3])}
     loss, logits, _ = classifier._step(batch, training=True)
     loss.backward()
     optimizer.step()
