@@ -182,8 +182,8 @@ def gallery(rows: list[Row]) -> list[tuple[np.ndarray, str]]:
     for row in rows:
         if row.error:
             continue
-        items.append((row.seen, f"{row.name}: as the model saw it (info bar cut)"))
-        items.append((row.cam, f"{row.name}: Grad-CAM for {row.top[0][0]} (red: evidence)"))
+        items.append((row.seen, f"{row.name}: as seen"))
+        items.append((row.cam, f"Grad-CAM: {row.top[0][0]}"))
     return items
 
 
@@ -230,8 +230,13 @@ def build_page(classifier: DemoClassifier):
             column_widths=["22%", "11%", "9%", "28%", "8%", "8%", "7%", "7%"],
             elem_id="predictions",
         )
-        images = gr.Gallery(label="What the model saw, and where it looked", columns=4,
-                            height="auto", object_fit="contain", elem_id="seen")  # fmt: skip
+        images = gr.Gallery(
+            label="As the model saw each image (info bar cut), and where it looked (red)",
+            columns=4,
+            height="auto",
+            object_fit="contain",
+            elem_id="seen",
+        )
         gr.on(
             [button.click, files.upload],
             classify,

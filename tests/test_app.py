@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.helpers import ROOT, assert_user_error, best_checkpoint
+from tests.helpers import ROOT, assert_user_error, best_checkpoint, compose_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking flags Chromium waits on services it cannot reach on a closed network.
@@ -118,7 +118,7 @@ def test_the_page_classifies_a_dropped_sem_image_and_stays_on_this_machine(
         expect(row).to_have_count(1, timeout=60_000)
         cells = row.get_by_role("gridcell").all_inner_texts()
         # The gallery shows the image as seen and its Grad-CAM overlay.
-        expect(page.get_by_text("Grad-CAM for").first).to_be_attached(timeout=30_000)
+        expect(page.get_by_text(f"Grad-CAM: {expected[1]}").first).to_be_attached(timeout=30_000)
         expect(page.locator("#seen img").filter(visible=True)).to_have_count(2, timeout=30_000)
         page.wait_for_load_state("networkidle")
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -174,3 +174,32 @@ def test_a_missing_model_is_a_user_error(tmp_path):
         timeout=120,
     )
     assert_user_error(result, "none.ckpt")
+
+
+@pytest.mark.slow
+def test_images_past_the_novelty_threshold_are_flagged_unknown(
+    trained_run, nanowires, tmp_path, monkeypatch
+):
+    """With novelty scores (classify_files' third value) and a threshold on the model, an image
+    scored above it is `unknown`; one below keeps its class."""
+    import numpy as np
+    import torch
+
+    import sem_cls.app as app
+
+    cfg = compose_config("app", tmp_path, [f"ckpt_path={best_checkpoint(trained_run[0])}"])
+    classifier = app.DemoClassifier(cfg)
+    files = [nanowires, nanowires]
+    plain = classifier.classify(files)
+    assert [row.unknown for row in plain] == [False, False]  # no scores: nothing is unknown
+    classify_files = app.classify_files
+    monkeypatch.setattr(
+        app, "classify_files", lambda *a, **kw: (*classify_files(*a, **kw), np.array([0.9, 0.1]))
+    )
+    classifier.model.novelty_threshold = torch.tensor(0.5)
+    rows = classifier.classify(files)
+    assert [(row.decision, row.unknown) for row in rows] == [
+        ("unknown", True),
+        (plain[1].decision, False),
+    ]
+    assert [row.novelty for row in rows] == [0.9, 0.1]
