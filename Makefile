@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo train download test test-fast lint format ui server serve-model bench clean
+.PHONY: help venv demo train download test test-fast lint format ui server serve-model app bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,12 +29,18 @@ VARIANT ?= nffa
 download: $(STAMP)  ## fetch the real NFFA-Europe images: VARIANT=nffa (default), nffa_majority, nffa_2017
 	$(PY) -m sem_cls.data.download download=$(VARIANT)
 
-test: $(STAMP)  ## lint, the import layers, then the test suite
+# The browser the demo page's test drives (tests/test_app.py): Debian's chromium, installed
+# once where it is missing (CI runs as root).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update && apt-get install -y chromium
+
+test: $(STAMP) $(CHROMIUM)  ## lint, the import layers, then the test suite
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
-test-fast: $(STAMP)  ## lint, the import layers, then the tests not marked slow (no training subprocesses, DDP, sweeps)
+test-fast: $(STAMP) $(CHROMIUM)  ## lint, the import layers, then the tests not marked slow (no training subprocesses, DDP, sweeps)
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow"
@@ -70,6 +76,11 @@ serve-model: $(STAMP)  ## REST API of a trained model (MLflow scoring server): M
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
 		MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" \
 		$(VENV)/bin/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(PORT)
+
+app: PORT = 7860
+app: $(STAMP)  ## demo page of a model on http://127.0.0.1:7860: MODEL=models:/<name>@<alias>, runs:/<id>/model or a .ckpt (PORT=, HOST=)
+	@test -n "$(MODEL)" || { echo "Give the model: make app MODEL=models:/sem-cls@champion (or runs:/<id>/model, or a .ckpt file)"; exit 2; }
+	GRADIO_ANALYTICS_ENABLED=False $(PY) -m sem_cls.app 'ckpt_path=$(MODEL)' host=$(HOST) port=$(PORT)
 
 bench: $(STAMP)  ## the benchmarks of docs/performance.md (about 30 minutes)
 	$(PY) bench/throughput.py

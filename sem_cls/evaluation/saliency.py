@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -33,6 +34,21 @@ def grad_cam(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cam, logits.detach().softmax(dim=1)
 
 
+def as_seen(model, image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) normalized model input -> (H, W, 3) in [0, 1]: the image as the model saw it."""
+    mean = torch.tensor(model.data_config["mean"]).view(3, 1, 1)
+    std = torch.tensor(model.data_config["std"]).view(3, 1, 1)
+    return (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+
+
+def overlay(shown: torch.Tensor, cam: torch.Tensor, alpha: float = 0.35) -> np.ndarray:
+    """(H, W, 3) uint8: the Grad-CAM map (jet, red: high) over the image, as write_saliency
+    draws it."""
+    heat = matplotlib.colormaps["jet"](cam.cpu().numpy())[..., :3]
+    blended = (1 - alpha) * shown.numpy() + alpha * heat
+    return (blended * 255).round().astype(np.uint8)
+
+
 def spread_over_classes(labels: list[int], count: int) -> list[int]:
     """Indices of `count` images, the first of every class, then the second, ..."""
     rank, seen = [], {}
@@ -50,8 +66,6 @@ def write_saliency(path: Path, model, datamodule, samples, count: int, title: st
     images = torch.stack([dataset[i]["image"] for i in range(len(chosen))])
     device = next(model.parameters()).device
     cams, probs = grad_cam(model, images.to(device).contiguous(memory_format=torch.channels_last))
-    mean = torch.tensor(model.data_config["mean"]).view(3, 1, 1)
-    std = torch.tensor(model.data_config["std"]).view(3, 1, 1)
 
     columns = min(4, len(chosen))
     rows = math.ceil(len(chosen) / columns)
@@ -62,8 +76,7 @@ def write_saliency(path: Path, model, datamodule, samples, count: int, title: st
         ax.axis("off")
     names = model.class_names
     for ax, sample, image, cam, prob in zip(axes.flat, chosen, images, cams, probs, strict=False):
-        shown = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-        ax.imshow(shown)
+        ax.imshow(as_seen(model, image).numpy())
         ax.imshow(cam.cpu().numpy(), cmap="jet", alpha=0.35, vmin=0, vmax=1)
         top = int(prob.argmax())
         ax.set_title(
