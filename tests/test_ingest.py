@@ -242,10 +242,10 @@ def test_exif_orientation_is_applied_for_ingest_and_the_loaders(tmp_path):
     assert upright[:10].mean() == 255 and upright[10:].mean() == 0  # the stripe is on top
     record = check_image(path)
     assert (record["width"], record["height"]) == (40, 100)
-    from sem_cls.data.datamodule import Sample, SEMImageDataset
+    from sem_cls.data.samples import Sample, SEMImageDataset
 
     sample = Sample(path, 0, (0, 0, 40, 100), (40, 100), "")
-    tensor, _ = SEMImageDataset([sample], lambda im: np.asarray(im))[0]
+    tensor = SEMImageDataset([sample], lambda im: np.asarray(im))[0]["image"]
     assert tensor.shape == (100, 40, 3) and (tensor[..., 0] == upright).all()
 
 
