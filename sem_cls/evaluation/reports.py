@@ -225,8 +225,9 @@ def write_evaluation(
         targets,
         probs,
         bins,
-        f"{title}\nexpected calibration error {scores['ece']:.3f} ({bins} bins; "
-        f"{scores.get('ece_uncalibrated', scores['ece']):.3f} before temperature scaling)",
+        # Three short lines: the figure is narrow, and a long title would be cut at its edges.
+        f"{title}\nexpected calibration error {scores['ece']:.3f} ({bins} bins)\n"
+        f"{scores.get('ece_uncalibrated', scores['ece']):.3f} before temperature scaling",
     )
     paths += [metrics_json, reliability]
     if samples is not None:
