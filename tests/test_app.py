@@ -83,14 +83,16 @@ def page_url(trained_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(trained_run, nanowires):
     """The class predict's own functions give the Nanowires image, in this process."""
-    from sem_cls.models.inference import classify_files, decide
+    from sem_cls.models.inference import classify_files, decide, unknown_images
     from sem_cls.registry import load_model
 
     model, _, _ = load_model(best_checkpoint(trained_run[0]))
-    probs, errors, *_ = classify_files(model, [nanowires], num_workers=0, progress=False)
+    probs, errors, novelty = classify_files(model, [nanowires], num_workers=0, progress=False)
     assert errors == [""]
+    unknown = unknown_images(model, novelty)
     # min_confidence=0.5, the page's default
-    return decide(probs, model.class_names, 0.5)[0], model.class_names[int(probs[0].argmax())]
+    decision = decide(probs, model.class_names, 0.5, unknown)[0]
+    return decision, model.class_names[int(probs[0].argmax())], bool(probs[0].max() < 0.5)
 
 
 @pytest.mark.slow
@@ -129,11 +131,11 @@ def test_the_page_classifies_a_dropped_sem_image_and_stays_on_this_machine(
             SCREENSHOT.write_bytes(shot)
         browser.close()
 
-    decision, top_class = expected
+    decision, top_class, below_min_confidence = expected
     name, shown, _, top_classes, uncertain = (cell.strip() for cell in cells[:5])
     assert (name, shown) == (nanowires.name, decision), cells
     assert top_classes.startswith(f"{top_class} "), cells
-    assert uncertain == str(decision == "uncertain").lower(), cells
+    assert uncertain == str(below_min_confidence).lower(), cells
     outside = [url for url in requests if urlparse(url).hostname != "127.0.0.1"]
     assert requests and not outside, outside
 
@@ -151,7 +153,7 @@ def test_the_classify_endpoint_answers_gradio_client(page_url, nanowires, expect
         [handle_file(str(copy)), handle_file(str(broken))], api_name="/classify"
     )
 
-    decision, top_class = expected
+    decision, top_class, _ = expected
     rows = {row[0]: dict(zip(results["headers"], row, strict=True)) for row in results["data"]}
     assert rows[nanowires.name]["class"] == decision
     top = rows[nanowires.name]["top classes"].split(", ")
