@@ -43,8 +43,10 @@ def test_frozen_training_changes_only_the_head(tiny_sem_dir):
 
     after = model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    # The best validation accuracy so far is kept in checkpoints too; it is not a weight.
-    assert changed - {"val_acc_best.max_value"} == {"head.weight", "head.bias"}
+    # Not weights: the best validation accuracy so far, the temperature fitted on validation
+    # logits, and the novelty references and threshold, kept in checkpoints too.
+    fitted = {"val_acc_best.max_value", "temperature", "novelty_references", "novelty_threshold"}
+    assert changed - fitted == {"head.weight", "head.bias"}
     assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
