@@ -34,7 +34,7 @@ def start_training(data_dir: Path, work: Path, *overrides: str) -> subprocess.Po
             sys.executable,
             str(ROOT / "train.py"),
             *tiny_training_overrides(data_dir),
-            "data.num_workers=2",  # the default: loader workers, started anew by the resume
+            "data.num_workers=0",  # in-process loading: see docs/reliability.md for loader workers
             # Images through the backbone every epoch: epochs long enough to be killed inside.
             "data.cache_features=false",
             f"trainer.max_epochs={EPOCHS}",

@@ -270,6 +270,9 @@ class SEMClassifier(LightningModule):
             datamodule.image_dataset(datamodule.samples[split]),  # the evaluation transform
             batch_size=datamodule.batch_size,
             num_workers=datamodule.num_workers,
+            # A private generator: the workers' seed must not shift the global RNG, or a resumed
+            # run (whose generators were restored before this) would train on another stream.
+            generator=torch.Generator(),
         )
         # float32, as the loaders feed the backbone when the cache is off.
         return torch.cat(
