@@ -166,12 +166,16 @@ def test_ddp_metrics_equal_one_process(ddp_run, one_process_run):
 def test_sharded_feature_extraction_equals_one_process(ddp_run, one_process_run):
     work_dir, *_ = ddp_run
     cfg, _ = one_process_run
-    sharded = sorted((work_dir / "cache" / "features").rglob("*"))
+    files = sorted(p for p in (work_dir / "cache" / "features").rglob("*") if p.is_file())
     alone = sorted(Path(cfg.paths.cache_dir, "features").rglob("*.npy"))
-    # One entry per split, under the same keys, and no shard or partial file left behind.
-    assert [p.name for p in sharded if p.is_file()] == [p.name for p in alone]
+    # One entry (and its checksum file) per split, under the same keys, and no shard or
+    # partial file left behind.
+    assert not [p for p in files if ".partial" in p.name]
+    sharded = [p for p in files if p.suffix == ".npy"]
+    assert [p.name for p in sharded] == [p.name for p in alone]
+    assert {p.with_suffix(".json") for p in sharded} == {p for p in files if p.suffix == ".json"}
     assert len(alone) == 3
-    for ddp_entry, entry in zip(sorted(p for p in sharded if p.is_file()), alone, strict=True):
+    for ddp_entry, entry in zip(sharded, alone, strict=True):
         np.testing.assert_allclose(np.load(ddp_entry), np.load(entry), atol=1e-5)
 
 
