@@ -161,8 +161,9 @@ def test_parallel_jobs_on_one_sqlite_database_record_every_run_and_metric(
         assert parallel.keys() == alone.keys()
         for key, steps in alone.items():
             assert [step for step, _ in parallel[key]] == [step for step, _ in steps], key
-            # Other thread counts in parallel workers change float sums in the last bits.
-            assert [v for _, v in parallel[key]] == pytest.approx([v for _, v in steps], rel=1e-5)
+            # Other thread counts in parallel workers change float sums in the last bits, and the
+            # temperature fitted on them (LBFGS) carries that a little further.
+            assert [v for _, v in parallel[key]] == pytest.approx([v for _, v in steps], rel=1e-4)
 
 
 @pytest.mark.slow  # two searches
