@@ -1,10 +1,15 @@
 """What many test modules share: paths, configs as the entry points compose them, running an
 entry point as a user does, and small stand-ins. Fixtures live in conftest.py."""
 
+import contextlib
 import csv
+import io
 import os
+import runpy
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import timm
@@ -66,6 +71,41 @@ def run_entry_point(script: str, *overrides: str, tmp_path: Path) -> subprocess.
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         timeout=300,
     )
+
+
+def run_in_process(target: str, *overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`target` (train.py, eval.py, or a module such as sem_cls.predict) run in this process as
+    its command line runs it: what a refusal shows a user (exit code, stdout, stderr, a traceback
+    if one escapes) without a new interpreter's ten seconds of imports. run_entry_point pins
+    each entry point's real command line."""
+    argv = [
+        target,
+        f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *overrides,
+    ]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv = sys.argv
+    sys.argv = argv
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                if target.endswith(".py"):
+                    runpy.run_path(str(ROOT / target), run_name="__main__")
+                else:
+                    with warnings.catch_warnings():  # "found in sys.modules": it was imported
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        runpy.run_module(target, run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            except Exception:
+                traceback.print_exc()  # as the interpreter prints an uncaught one
+                code = 1
+    finally:
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *phrases: str) -> None:

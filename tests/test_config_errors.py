@@ -1,16 +1,13 @@
-"""Config errors end in one message naming the value, exit code 2, and no MLflow run."""
-
-import os
-import subprocess
-import sys
+"""Config errors end in one message naming the value, exit code 2, and no MLflow run. The entry
+points run in this process here (tests/test_entry_points.py runs their real command lines)."""
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from sem_cls.errors import UserError
-from tests.helpers import ROOT, compose_config, tiny_training_overrides
-from tests.test_entry_points import assert_user_error, run
+from tests.helpers import assert_user_error, compose_config, tiny_training_overrides
+from tests.helpers import run_in_process as run
 
 TRAIN_CASES = {
     "lr_negative": (["model.optimizer.lr=-1"], "model.optimizer.lr=-1"),
@@ -73,18 +70,6 @@ def test_resume_refuses_a_last_checkpoint_carrying_code(tiny_sem_dir, tmp_path):
     assert no_mlflow_run(tmp_path)
 
 
-def run_module(module: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
-    """`python -m <module>` as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", module, f"paths.log_dir={tmp_path / 'logs'}", *overrides],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
-    )
-
-
 def test_eval_and_predict_refuse_a_folder_as_checkpoint(tmp_path):
     folder = tmp_path / "run"
     (folder / "checkpoints").mkdir(parents=True)
@@ -93,7 +78,7 @@ def test_eval_and_predict_refuse_a_folder_as_checkpoint(tmp_path):
     assert no_mlflow_run(tmp_path)
     image = tmp_path / "a.png"
     image.write_bytes(b"")
-    result = run_module(
+    result = run(
         "sem_cls.predict", f"ckpt_path={folder}", f"inputs={image}", tmp_path=tmp_path
     )
     assert_user_error(result, f"ckpt_path={folder} is a folder")
@@ -107,7 +92,7 @@ def test_eval_and_predict_refuse_a_folder_as_checkpoint(tmp_path):
 def test_predict_refuses_bad_settings_before_loading_the_model(override, named, tmp_path):
     image = tmp_path / "a.png"
     image.write_bytes(b"")
-    result = run_module(
+    result = run(
         "sem_cls.predict", f"ckpt_path={tmp_path / 'no.ckpt'}", f"inputs={image}", override,
         tmp_path=tmp_path,
     )  # fmt: skip
