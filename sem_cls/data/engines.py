@@ -7,6 +7,7 @@ has it (AVX512-BF16/AMX), f32 elsewhere. Only a frozen backbone on CPU has an en
 fine-tuning and GPUs run torch.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -80,7 +81,7 @@ class OpenVINOEngine:
         threads: int | None = None,
     ):
         ov = import_openvino()
-        core = ov.Core()
+        core = openvino_core()
         # bf16 only where the CPU computes it natively; elsewhere OpenVINO would emulate it.
         native_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         if bf16 and not native_bf16:
@@ -124,7 +125,7 @@ class OpenVINOEngine:
         xml = cache_dir / f"{self.key}.xml" if cache_dir else None
         if xml and xml.is_file() and xml.with_suffix(".bin").is_file():
             log.info("OpenVINO model from cache: %s", xml)
-            return ov.Core().read_model(xml)
+            return openvino_core().read_model(xml)
         log.info("Converting the backbone with OpenVINO (once per backbone and weights)")
         example = torch.zeros(1, *self.input_size)
         try:
@@ -156,6 +157,15 @@ class OpenVINOEngine:
         # (B, 3, H, W) -> (B, num_features); copied out, the request reuses its buffer.
         features = self.request.infer({0: pixels}, share_inputs=True)[0]
         return torch.from_numpy(np.array(features, dtype=np.float32))
+
+
+@functools.cache
+def openvino_core():
+    """One OpenVINO Core for the whole process, never released. Each Core's CPU plugin points the
+    thread's alternate signal stack at its own and restores the previous one when released: two
+    Cores released in the order they were made leave it pointing at freed memory, and the next
+    signal with a Python handler (Ctrl-C, a DataLoader worker's exit) crashes the process."""
+    return import_openvino().Core()
 
 
 def import_openvino():
