@@ -15,13 +15,14 @@ import pytest
 
 from tests.helpers import ROOT, tiny_training_overrides
 
-# Each process does its slow imports first, then waits for the gate file: released together,
-# they reach Hydra's run folder and MLflow's store within milliseconds of each other.
+# Each process does its slow imports first, says so in a file, then waits for the gate file:
+# released together, they reach Hydra's run folder and MLflow's store within milliseconds.
 GATED_START = textwrap.dedent(
     """
     import os, runpy, sys, time
-    gate, target, *args = sys.argv[1:]
+    gate, ready, target, *args = sys.argv[1:]
     import hydra, lightning, mlflow, timm, torch
+    open(ready, "w").close()
     while not os.path.exists(gate):
         time.sleep(0.002)
     sys.argv = [target, *args]
@@ -53,19 +54,24 @@ def train_args(data_dir: Path, work: Path) -> list[str]:
 
 def start_together(commands: list[list[str]], work: Path) -> list[subprocess.Popen]:
     gate = work / f"gate-{time.monotonic_ns()}"
+    readies = [gate.with_name(f"{gate.name}-ready-{i}") for i in range(len(commands))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", GATED_START, str(gate), *command],
+            [sys.executable, "-c", GATED_START, str(gate), str(ready), *command],
             cwd=work,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for command in commands
+        for command, ready in zip(commands, readies, strict=True)
     ]
-    time.sleep(8)  # their imports
+    deadline = time.monotonic() + 300
+    while not all(ready.exists() for ready in readies):  # their imports
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        assert time.monotonic() < deadline, "the processes did not finish their imports"
+        time.sleep(0.05)
     gate.touch()
     return processes
 
@@ -108,13 +114,13 @@ def assert_separate_runs(stdouts: list[str], work: Path, count: int) -> list[Pat
 
 @pytest.mark.slow
 def test_runs_started_together_each_get_a_folder_a_run_and_checkpoints(tiny_sem_dir, tmp_path):
-    # A fresh project: no tracking store yet; the three create it together.
-    firsts = finish_all(start_together([train_args(tiny_sem_dir, tmp_path)] * 3, tmp_path))
-    folders = assert_separate_runs(firsts, tmp_path, 3)
+    # A fresh project: no tracking store yet; the two create it together.
+    firsts = finish_all(start_together([train_args(tiny_sem_dir, tmp_path)] * 2, tmp_path))
+    folders = assert_separate_runs(firsts, tmp_path, 2)
 
     # Then on the existing store.
     seconds = finish_all(start_together([train_args(tiny_sem_dir, tmp_path)] * 2, tmp_path))
-    assert_separate_runs(firsts + seconds, tmp_path, 5)
+    assert_separate_runs(firsts + seconds, tmp_path, 4)
 
     # Evaluation and prediction started together, too, each writing its own folder.
     checkpoint = folders[0] / "checkpoints" / "epoch_000.ckpt"
