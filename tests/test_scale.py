@@ -176,7 +176,8 @@ def test_sharded_feature_extraction_equals_one_process(ddp_run, one_process_run)
     assert {p.with_suffix(".json") for p in sharded} == {p for p in files if p.suffix == ".json"}
     assert len(alone) == 3
     for ddp_entry, entry in zip(sharded, alone, strict=True):
-        np.testing.assert_allclose(np.load(ddp_entry), np.load(entry), atol=1e-5)
+        # fp32 noise only: each rank's batches and threads pick other kernels (seen: 6.8e-6 rel).
+        np.testing.assert_allclose(np.load(ddp_entry), np.load(entry), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow  # DDP run and tracking server
