@@ -35,6 +35,7 @@ class PlainModel:
     def __init__(self, backbone, bf16: bool):
         self.backbone, self.bf16 = backbone, bf16
         self.num_features = backbone.num_features
+        self.device = torch.device("cpu")
 
     @torch.inference_mode()
     def __call__(self, images):
