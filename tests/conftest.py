@@ -5,14 +5,16 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
+# No test may reach a model hub: timm then fails at once instead of retrying for 47 s. Set before
+# anything imports huggingface_hub (tests.helpers imports timm), which reads it once, on import.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from tests.helpers import ROOT, SHARED, compose_config, tiny_training_overrides
-from tests.network_guard import sitecustomize as guard
+import pytest  # noqa: E402
+
+from tests.helpers import ROOT, SHARED, compose_config, tiny_training_overrides  # noqa: E402
+from tests.network_guard import sitecustomize as guard  # noqa: E402
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-# No test may reach a model hub: timm then fails at once instead of retrying for a minute.
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)
