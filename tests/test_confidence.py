@@ -12,11 +12,7 @@ import torch
 from sem_cls.models.calibration import fit_temperature
 from sem_cls.models.novelty import fit_threshold, novelty_scores, reference_features
 from sem_cls.registry import load_checkpoint
-from tests.helpers import compose_config, write_images_unlike_sem
-
-
-def best_checkpoint(cfg) -> Path:
-    return next((Path(cfg.paths.output_dir) / "checkpoints").glob("epoch_*.ckpt"))
+from tests.helpers import best_checkpoint, run_predict, write_images_unlike_sem
 
 
 def test_temperature_undoes_overconfidence():
@@ -68,32 +64,16 @@ def test_test_reports_give_ece_before_and_after_and_the_unknown_share(trained_ru
     assert flagged <= 0.25
 
 
-def run_predict(trained_run, tmp_path, inputs, *overrides) -> list[dict]:
-    from sem_cls.predict import predict
-
-    cfg = trained_run[0]
-    output = tmp_path / f"predictions_{len(list(tmp_path.glob('*.csv')))}.csv"
-    predict_cfg = compose_config(
-        "predict",
-        tmp_path,
-        [
-            f"ckpt_path={best_checkpoint(cfg)}",
-            f"inputs={inputs}",
-            f"output={output}",
-            "num_workers=0",
-            *overrides,
-        ],
-    )
-    predict(predict_cfg)
-    with open(output) as f:
-        return list(csv.DictReader(f))
+def predict_best(trained_run, tmp_path, inputs, *overrides) -> list[dict]:
+    """Predictions CSV rows of the trained run's best checkpoint."""
+    return run_predict(trained_run, tmp_path, best_checkpoint(trained_run[0]), inputs, *overrides)
 
 
 def test_images_unlike_sem_are_unknown_and_test_images_mostly_not(
     trained_run, tiny_sem_dir, tmp_path
 ):
     unlike = write_images_unlike_sem(tmp_path / "unlike")
-    rows = run_predict(trained_run, tmp_path, tmp_path / "unlike")
+    rows = predict_best(trained_run, tmp_path, tmp_path / "unlike")
     assert len(rows) == len(unlike)
     unknown = [row["predicted_class"] == "unknown" for row in rows]
     assert np.mean(unknown) >= 0.75, [(Path(r["path"]).name, r["novelty"]) for r in rows]
@@ -102,11 +82,11 @@ def test_images_unlike_sem_are_unknown_and_test_images_mostly_not(
     reported = Path(trained_run[0].paths.output_dir) / "reports" / "test" / "predictions.csv"
     with open(reported) as f:
         test_paths = [row["path"] for row in csv.DictReader(f)]
-    rows = run_predict(trained_run, tmp_path, f"[{','.join(test_paths)}]")
+    rows = predict_best(trained_run, tmp_path, f"[{','.join(test_paths)}]")
     assert np.mean([row["predicted_class"] == "unknown" for row in rows]) <= 0.25
 
     # novelty=false: no image is unknown, and the column stays empty.
-    rows = run_predict(trained_run, tmp_path, tmp_path / "unlike", "novelty=false")
+    rows = predict_best(trained_run, tmp_path, tmp_path / "unlike", "novelty=false")
     assert not any(row["predicted_class"] == "unknown" or row["novelty"] for row in rows)
 
 
