@@ -1,0 +1,74 @@
+"""How a trained model is applied: one record shared by predict, the page, the MLflow model and
+eval's per-image predictions, so every surface accepts and refuses the same values."""
+
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any
+
+from sem_cls.errors import UserError
+
+
+class Engine(str, Enum):
+    """What runs a frozen backbone (sem_cls.models.engines)."""
+
+    torch = "torch"
+    openvino = "openvino"
+
+
+@dataclass
+class PredictorSettings:
+    """Options of applying a model; None: as the model recorded of its training."""
+
+    top_k: int = 3
+    # Below this top-class probability an image is `uncertain`; None: never.
+    min_confidence: float | None = None
+    # Images unlike the training images are `unknown` (frozen backbones only).
+    novelty: bool = True
+    engine: Engine | None = None
+    info_bar: Any = None  # auto | none | a number of rows; None: as in training
+    bf16: bool | None = None
+    device: str = "auto"  # auto: cuda when there is one
+    batch_size: int = 32
+    num_workers: int = 2
+    max_pixels: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        check_predictor_settings(self)
+
+    @classmethod
+    def from_params(cls, params: dict | None, **defaults) -> "PredictorSettings":
+        """Settings from a request's params (REST, the page): unknown names are refused too."""
+        params = {**defaults, **(params or {})}
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise UserError(f"Unknown option(s) {unknown}; known: {sorted(known)}.")
+        return cls(**params)
+
+
+def check_predictor_settings(settings) -> None:
+    """Refuse values that are wrong whatever the model (top_k's upper end needs the model)."""
+    top_k = settings.top_k
+    if isinstance(top_k, bool) or not (isinstance(top_k, int) and top_k >= 1):
+        raise UserError(f"top_k={top_k}: give the number of classes to list, 1 or more.")
+    threshold = settings.min_confidence
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not (isinstance(threshold, int | float) and 0 <= threshold <= 1)
+    ):
+        raise UserError(
+            f"min_confidence={threshold} is not a probability: give a value from 0 to 1 (e.g. "
+            "0.6), or null to mark no image uncertain."
+        )
+    for name in ("batch_size", "max_pixels"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+            raise UserError(f"{name}={value} must be a whole number of 1 or more.")
+    workers = settings.num_workers
+    if isinstance(workers, bool) or not (isinstance(workers, int) and workers >= 0):
+        raise UserError(f"num_workers={workers} must be a whole number of 0 or more.")
+    if not isinstance(settings.novelty, bool):
+        raise UserError(f"novelty={settings.novelty!r} must be true or false.")
+    engine = settings.engine
+    if engine is not None and str(getattr(engine, "value", engine)) not in Engine.__members__:
+        raise UserError(f"engine={engine!r} is not one of {list(Engine.__members__)}.")
