@@ -171,7 +171,7 @@ def test_subfolders_and_links_are_used_and_a_symlink_loop_is_reported(tmp_path):
     (root / "A" / ".hidden").mkdir()
     shutil.copy(root / "A" / "1.png", root / "A" / ".hidden" / "skipped.png")
     outside = small_folder(tmp_path / "elsewhere")
-    (root / "B" / "linked.png").symlink_to(outside / "A" / "1.png")
+    (root / "B" / "linked.png").symlink_to(outside / "B" / "0.png")
     (root / "B" / "linked-folder").symlink_to(outside / "B")
     (root / "A" / "day2" / "loop").symlink_to(root / "A")  # leads back up: a loop
     (root / "A" / "self.png").symlink_to(root / "A" / "self.png")  # a link to itself

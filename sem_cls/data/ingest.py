@@ -4,7 +4,9 @@ A file that cannot be used (zero bytes, truncated, not an image, too large) is r
 left out, so no bad file can stop a training run halfway. Files in subfolders of a class folder
 belong to that class; symbolic links are followed. Results are cached per file (path, size and
 modification time), so a second ingest of the same folder reads only what changed; a file that
-could not be read this time (an OS error) is reported but checked again next time.
+could not be read this time (an OS error) is reported but checked again next time. The same
+content under two class folders (a copy, or a link to another class's file) is a label conflict:
+reported, and left out unless `label_conflicts` says to keep them or to refuse the folder.
 
 python -m sem_cls.data.ingest                        # the folder training would use, and its split
 python -m sem_cls.data.ingest data.data_dir=/my/sem  # any <Class>/ folder
@@ -36,6 +38,7 @@ from sem_cls.data.images import (
     walk_files,
 )
 from sem_cls.data.infobar import detect_bar_top
+from sem_cls.data.metric_keys import write_metric_keys
 from sem_cls.data.workers import die_with_parent
 from sem_cls.errors import DataNotFoundError, UserError
 
@@ -54,6 +57,8 @@ RECORD_FIELDS = (
 # Set on a record whose file could not be read (an OS error): not a verdict on the file, so it is
 # not cached and the file is checked again by the next ingest.
 RETRY = "retry"
+# What to do with the images of a label conflict (data.label_conflicts).
+LABEL_CONFLICTS = ("drop", "keep", "refuse")
 
 
 @dataclass
@@ -65,6 +70,8 @@ class Ingest:
     images: list[dict]
     rejected: list[dict] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
+    # Images kept although their content is also in another class (label_conflicts=keep).
+    conflicts_kept: list[dict] = field(default_factory=list)
 
     def summary(self) -> str:
         total = len(self.images) + len(self.rejected)
@@ -73,14 +80,17 @@ class Ingest:
             reasons = Counter(_reason(record["error"]) for record in self.rejected)
             listed = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
             text += f"; left out {len(self.rejected):,} ({listed})"
+        if self.conflicts_kept:
+            text += f"; kept {len(self.conflicts_kept):,} under two or more labels"
         return text
 
     def write_report(self, path: Path) -> Path:
-        """CSV of the files left out: path, class, why."""
+        """CSV of the files left out, and of label conflicts kept: path, class, why."""
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["path", "class", "error"])
             writer.writeheader()
-            writer.writerows({k: r[k] for k in ("path", "class", "error")} for r in self.rejected)
+            for record in self.rejected + self.conflicts_kept:
+                writer.writerow({k: record[k] for k in ("path", "class", "error")})
         return path
 
 
@@ -93,6 +103,7 @@ def _reason(error: str) -> str:
         ("not an image file", "not an image"),
         ("max_pixels", "too large"),
         ("symlink loop", "symlink loop"),
+        ("label conflict", "label conflict"),
     ):
         if key in lowered:
             return reason
@@ -126,6 +137,54 @@ def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     except Exception as err:  # any failure to read makes the file unusable, and is reported
         record["error"] = f"{type(err).__name__}: {err}".replace(f"{path}", path.name)
     return record
+
+
+def label_conflicts(images: list[dict]) -> dict[str, list[dict]]:
+    """Images by sha256, for each content found under more than one class folder."""
+    by_content: dict[str, list[dict]] = {}
+    for record in images:
+        by_content.setdefault(record["sha256"], []).append(record)
+    return {
+        sha256: records
+        for sha256, records in by_content.items()
+        if len({r["class"] for r in records}) > 1
+    }
+
+
+def _resolve_label_conflicts(root: Path, images: list[dict], policy: str):
+    """(images to use, conflicting images left out, conflicting images kept), each conflict
+    with its reason in `error`; refused as a UserError with policy `refuse`."""
+    conflicts = label_conflicts(images)
+    if not conflicts:
+        return images, [], []
+    examples = [" = ".join(r["path"] for r in records) for records in list(conflicts.values())[:3]]
+    count = sum(len(records) for records in conflicts.values())
+    if policy == "refuse":
+        raise UserError(
+            f"{count} images in {root} have the same content as an image of another class "
+            f"(label conflicts), e.g. {'; '.join(examples)}. Remove the copy from the wrong "
+            "class folder, or set data.label_conflicts=drop (leave them out) or "
+            "data.label_conflicts=keep (train on both labels)."
+        )
+    noted = []
+    for records in conflicts.values():
+        for record in records:
+            others = [r["path"] for r in records if r["class"] != record["class"]]
+            action = "left out" if policy == "drop" else "kept with both labels"
+            reason = (
+                f"label conflict: same content (sha256 {record['sha256'][:12]}) as "
+                f"{', '.join(others)}; {action} (data.label_conflicts={policy})"
+            )
+            noted.append({**record, "error": reason})
+    log.warning(
+        "%d images have the same content under two or more class folders, %s "
+        "(data.label_conflicts=%s; listed in the ingest report), e.g. %s",
+        count, "left out" if policy == "drop" else "kept", policy, "; ".join(examples),
+    )  # fmt: skip
+    if policy == "keep":
+        return images, [], noted
+    conflicting = {id(record) for records in conflicts.values() for record in records}
+    return [r for r in images if id(r) not in conflicting], noted, []
 
 
 def _check(job: tuple[Path, int]) -> dict:
@@ -175,10 +234,19 @@ def ingest(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 2,
     progress: bool = True,
+    label_conflicts: str = "drop",
 ) -> Ingest:
-    """Check every file under `root`/<Class>/ (only those new or changed since the last ingest)."""
+    """Check every file under `root`/<Class>/ (only those new or changed since the last ingest);
+    images whose content is also under another class are handled as `label_conflicts` says:
+    drop (left out and reported), keep (reported) or refuse (UserError)."""
     root = Path(root)
     check_max_pixels(max_pixels)
+    if label_conflicts not in LABEL_CONFLICTS:
+        raise UserError(
+            f"data.label_conflicts={label_conflicts} is not one of {', '.join(LABEL_CONFLICTS)}: "
+            "drop leaves out images whose content is also in another class folder, keep trains "
+            "on them with both labels, refuse stops."
+        )
     if not root.is_dir():
         raise DataNotFoundError(f"Data folder {root} does not exist.")
     # A class is a top-level folder (or link to one); everything under it is its images.
@@ -236,9 +304,11 @@ def ingest(
 
     images = [r for r in records if not r["error"]]
     rejected = [r for r in records if r["error"]]
+    images, dropped, kept = _resolve_label_conflicts(root, images, label_conflicts)
+    rejected += dropped
     usable = {r["class"] for r in images}
     empty = [d.name for d in class_dirs if d.name not in usable]
-    result = Ingest(root, sorted(usable), images, rejected, empty)
+    result = Ingest(root, sorted(usable), images, rejected, empty, kept)
     if empty:
         log.warning(
             "Class folders with no usable image, left out: %s (in %s).", ", ".join(empty), root
@@ -269,6 +339,7 @@ def ingest_folder(data, folder: Path | str | None = None) -> Ingest:
         cache_dir=Path(data.cache_dir) / "ingest" if data.get("cache_dir") else None,
         max_pixels=data.get("max_pixels", DEFAULT_MAX_PIXELS),
         workers=max(1, data.get("num_workers", 2)),
+        label_conflicts=data.get("label_conflicts", "drop"),
     )
     if folder is not None:
         return ingest(folder, **settings)
@@ -292,11 +363,12 @@ def ingest_folder(data, folder: Path | str | None = None) -> Ingest:
 
 
 def write_data_files(folder: Path, manifest, ingested: Ingest) -> Path:
-    """manifest.csv (the split, reusable as data.manifest) and ingest_report.csv (files left
-    out, and why) into `folder`."""
+    """manifest.csv (the split, reusable as data.manifest), ingest_report.csv (files left
+    out, and why) and metric_keys.json (each class's name in metric keys) into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest.write(folder / "manifest.csv")
     ingested.write_report(folder / "ingest_report.csv")
+    write_metric_keys(folder / "metric_keys.json", manifest.class_names)
     return folder
 
 
@@ -323,6 +395,7 @@ def main() -> None:
         )
 
     run()
+
 
 if __name__ == "__main__":
     os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[2]))

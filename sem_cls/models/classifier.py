@@ -14,6 +14,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
+from sem_cls.data.metric_keys import metric_key
 from sem_cls.errors import UserError
 from sem_cls.models import backbones, finetune, novelty
 from sem_cls.models.calibration import fit_temperature
@@ -347,7 +348,8 @@ class SEMClassifier(LightningModule):
         # Plain tensors (torchmetrics objects sync themselves): sync_dist reduces them over DDP
         # ranks, which already agree, since compute() gathered every rank's predictions.
         for name, value in zip(self.class_names, recall.compute(), strict=True):
-            self.log(f"{split}/recall/{name}", value, sync_dist=True, add_dataloader_idx=False)
+            key = f"{split}/recall/{metric_key(name)}"  # any folder name, as MLflow keeps it
+            self.log(key, value, sync_dist=True, add_dataloader_idx=False)
         recall.reset()
 
     def on_validation_epoch_end(self):
