@@ -1,10 +1,11 @@
 """Hydra's Optuna sweeper with a study that can be resumed from its SQLite storage.
 
-Two changes to hydra-optuna-sweeper 1.3.0 (which needs optuna < 3): optuna 2.10's SQL storage
-works with SQLAlchemy 2, which MLflow needs, and `n_trials` counts the study's finished trials,
-so running a killed sweep's command again runs only the trials it has not finished. Hydra loads
-sweepers from the hydra_plugins package only, hence this folder; it scans every module here at
-each start, so optuna is imported only when a sweep begins.
+Three changes to hydra-optuna-sweeper 1.3.0 (which needs optuna < 3): optuna 2.10's SQL storage
+works with SQLAlchemy 2, which MLflow needs; `n_trials` counts the study's finished trials,
+so running a killed sweep's command again runs only the trials it has not finished; and each
+job's folder is its trial number in the study, so searches sharing a study never collide.
+Hydra loads sweepers from the hydra_plugins package only, hence this folder; it scans every
+module here at each start, so optuna is imported only when a sweep begins.
 """
 
 import logging
@@ -38,7 +39,24 @@ class ResumableOptunaSweeper(OptunaSweeper):
                 if hasattr(impl.sampler, "reseed_rng"):  # the grid sampler is built later
                     impl.sampler.reseed_rng()
             impl.n_trials = max(impl.n_trials - finished, 0)
+        number_jobs_by_trial(impl)
         return super().sweep(arguments)
+
+
+def number_jobs_by_trial(impl) -> None:
+    """Each trial's job gets its folder named by the trial's number in the study
+    (hydra.sweep.subdir), which sem_cls.tracking also tags as `sweep_job`. Hydra numbers jobs
+    per process, so two searches on one study would each have a job 1, holding other trials."""
+    configure = impl._configure_trials
+
+    def numbered(trials, *args):
+        overrides = configure(trials, *args)
+        return [
+            [*trial_overrides, f"hydra.sweep.subdir={trial.number}"]
+            for trial, trial_overrides in zip(trials, overrides, strict=True)
+        ]
+
+    impl._configure_trials = numbered
 
 
 def commit_optuna_schema_stamp() -> None:

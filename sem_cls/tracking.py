@@ -110,6 +110,15 @@ def sweep_id(hydra_cfg: DictConfig, log_dir: str) -> str:
     return str(folder.relative_to(logs) if folder.is_relative_to(logs) else folder)
 
 
+def sweep_job(hydra_cfg: DictConfig) -> str:
+    """The job's number in its sweep: in an Optuna search, its trial number in the study, which
+    the sweeper gives the job as its folder (hydra_plugins/); otherwise Hydra's job number.
+    Hydra numbers jobs per process: two searches on one study would repeat its numbers."""
+    if OmegaConf.select(hydra_cfg, "sweeper.study_name"):
+        return str(hydra_cfg.sweep.subdir)
+    return str(hydra_cfg.job.num)
+
+
 def sweep_tags(cfg: DictConfig) -> dict[str, str]:
     """Tags that put a multirun job with the rest of its sweep; none for a single run."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -117,7 +126,7 @@ def sweep_tags(cfg: DictConfig) -> dict[str, str]:
     hydra_cfg = HydraConfig.get()
     return {
         "sweep_id": sweep_id(hydra_cfg, cfg.paths.log_dir),
-        "sweep_job": str(hydra_cfg.job.num),
+        "sweep_job": sweep_job(hydra_cfg),
         "sweep_overrides": hydra_cfg.job.override_dirname,
     }
 
