@@ -60,11 +60,9 @@ ui: $(STAMP)  ## the MLflow UI for this project's runs, on http://127.0.0.1:5000
 
 HOST ?= 127.0.0.1
 PORT ?= 5000
-server: $(STAMP)  ## MLflow tracking server for runs and artifacts in mlruns/, on http://127.0.0.1:5000 (HOST=, PORT=)
-	mkdir -p mlruns/artifacts
-	$(VENV)/bin/mlflow server --host $(HOST) --port $(PORT) \
-		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-		--serve-artifacts --artifacts-destination $(CURDIR)/mlruns/artifacts
+# Beyond 127.0.0.1 with MLflow's login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.
+server: $(STAMP)  ## MLflow tracking server for runs and artifacts in mlruns/, on http://127.0.0.1:5000 (HOST=, PORT=; login beyond 127.0.0.1)
+	$(PY) -m sem_cls.tracking_server --host $(HOST) --port $(PORT) --mlruns $(CURDIR)/mlruns
 
 # serve-model: MODEL=models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/model or a
 # downloaded model folder; looked up in this project's store unless MLFLOW_TRACKING_URI says else.
