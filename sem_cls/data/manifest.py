@@ -129,6 +129,16 @@ class SplitManifest:
         rows = read_manifest(Path(path))
         current = {r["path"]: r["sha256"] for r in ingested.images}
         changed = [row["path"] for row in rows if current.get(row["path"]) != row["sha256"]]
+        # A manifest of the time before label conflicts were left out may hold them.
+        conflicts = {r["path"] for r in ingested.rejected if r["error"].startswith("label conf")}
+        conflicting = [path for path in changed if path in conflicts]
+        if conflicting:
+            raise UserError(
+                f"{len(conflicting)} images of data.manifest={path} have the same content as an "
+                f"image of another class and were left out (label conflicts), e.g. "
+                f"{', '.join(conflicting[:3])}. Add data.label_conflicts=keep to reuse this "
+                "split as it is, or drop data.manifest to split anew without them."
+            )
         if changed:
             raise UserError(
                 f"{len(changed)} images of data.manifest={path} are missing, "
