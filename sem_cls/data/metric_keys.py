@@ -39,7 +39,7 @@ def metric_keys(class_names: list[str]) -> dict[str, str]:
 
 
 def write_metric_keys(path: Path, class_names: list[str]) -> Path:
-    """JSON of class name -> metric key (`val/recall/<key>`), for names not kept as they are."""
+    """JSON of every class name -> its metric key (`val/recall/<key>`)."""
     keys = metric_keys(class_names)
     path.write_text(json.dumps(keys, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return path
