@@ -1,6 +1,6 @@
 """The schemas of the `data` and `model` config groups, registered in Hydra's ConfigStore: the
-YAML files extend them, Hydra checks types and choices while composing, and `check_config`
-checks ranges and combinations right after. Imports nothing heavier than Hydra."""
+YAML files extend them, Hydra checks types while composing, and `check_config` checks choices,
+ranges and combinations right after. Imports nothing heavier than Hydra."""
 
 import math
 from dataclasses import dataclass, field, fields
@@ -18,12 +18,10 @@ from sem_cls.errors import UserError, exits_on_user_error
 
 
 class Choice(StrEnum):
-    """A config choice that reads, prints and compares as its plain name ("torch" == "torch"),
-    and is stored in checkpoints and hyperparameters as a plain string, which loads with
-    `weights_only=True`."""
-
-    def __reduce_ex__(self, protocol):
-        return str, (self.value,)
+    """The values a config key may take. The schema's fields stay `str` and `__post_init__`
+    checks them against their Choice: an Enum-typed field would hand Enum members on to the
+    objects built from the config, and a checkpoint holding one in its hyperparameters no
+    longer loads with `weights_only=True`."""
 
 
 class FeatureEngine(Choice):
@@ -55,6 +53,11 @@ def _is_count(value, minimum: int) -> bool:
 def _require(ok: bool, key: str, value, what: str) -> None:
     if not ok:
         raise UserError(f"{key}={value} {what}")
+
+
+def _require_choice(key: str, value, choice: type[Choice]) -> None:
+    names = [member.value for member in choice]
+    _require(value in names, key, value, f"is not one of {', '.join(names)}.")
 
 
 @dataclass
@@ -94,18 +97,20 @@ class DataConfig:
     manifest: str | None = None
     info_bar: Any = "auto"  # auto | none | rows; OmegaConf 2.3 has no str-or-int type
     max_pixels: int = 50_000_000
-    sampler: Sampler = Sampler.none
+    sampler: str = Sampler.none.value  # a Sampler
     augment: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 32
     num_workers: int = 2
     cache_features: bool = True
     cache_dir: str | None = None
     bf16: bool = True
-    engine: FeatureEngine = FeatureEngine.torch
+    engine: str = FeatureEngine.torch.value  # a FeatureEngine
     synthetic: SyntheticConfig | None = None
     missing_hint: str = ""
 
     def __post_init__(self) -> None:
+        _require_choice("data.sampler", self.sampler, Sampler)
+        _require_choice("data.engine", self.engine, FeatureEngine)
         split = list(self.split)
         _require(
             len(split) == 3 and min(split) > 0 and abs(sum(split) - 1) <= 1e-6,
@@ -188,17 +193,19 @@ class ModelConfig:
     layer_decay: float | None = None
     warmup_epochs: int = 0
     cosine_decay: bool = False
-    head: Head = Head.linear
+    head: str = Head.linear.value  # a Head
     head_hidden: int = 512
     head_dropout: float = 0.0
     aux_logits: bool = False
     mixup: dict[str, Any] | None = None
     compile: bool = False
-    class_weighting: ClassWeighting = ClassWeighting.none
+    class_weighting: str = ClassWeighting.none.value  # a ClassWeighting
     label_smoothing: float = 0.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self) -> None:
+        _require_choice("model.head", self.head, Head)
+        _require_choice("model.class_weighting", self.class_weighting, ClassWeighting)
         freeze = self.freeze
         _require(
             freeze in ("all", "none") or isinstance(freeze, bool) or _is_count(freeze, 0),
@@ -241,7 +248,7 @@ class ModelConfig:
         )
 
 
-# The YAML files of each group extend its schema (`- /schema/<group>@_here_` in their
+# The YAML files of each group extend its schema (`- /<group>_schema@_here_` in their
 # defaults), so every option of the group is checked alike.
 SCHEMAS = {"data": DataConfig, "model": ModelConfig}
 
@@ -249,7 +256,7 @@ SCHEMAS = {"data": DataConfig, "model": ModelConfig}
 def register_schemas() -> None:
     store = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
-        store.store(group="schema", name=group, node=schema)
+        store.store(name=f"{group}_schema", node=schema)
 
 
 def _checked(key: str, node: DictConfig):
