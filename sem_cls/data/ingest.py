@@ -6,8 +6,7 @@ belong to that class; symbolic links are followed. Results are cached per file (
 modification time), so a second ingest of the same folder reads only what changed; a file that
 could not be read this time (an OS error) is reported but checked again next time.
 
-python -m sem_cls.data.ingest                        # the folder training would use, and its split
-python -m sem_cls.data.ingest data.data_dir=/my/sem  # any <Class>/ folder
+The command line, `python -m sem_cls.ingest`, is in sem_cls/ingest.py.
 """
 
 import csv
@@ -298,32 +297,3 @@ def write_data_files(folder: Path, manifest, ingested: Ingest) -> Path:
     manifest.write(folder / "manifest.csv")
     ingested.write_report(folder / "ingest_report.csv")
     return folder
-
-
-def main() -> None:
-    import hydra
-
-    from sem_cls.data.manifest import SplitManifest
-    from sem_cls.errors import check_command_line, exits_on_user_error
-
-    check_command_line(Path(__file__).resolve().parents[2] / "conf", "ingest")
-
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="ingest")
-    @exits_on_user_error
-    def run(cfg) -> None:
-        ingested = ingest_folder(cfg.data)
-        manifest = SplitManifest.from_config(cfg.data, ingested)
-        folder = write_data_files(Path(cfg.paths.output_dir) / "data", manifest, ingested)
-        counts = Counter(row["split"] for row in manifest.rows)
-        print(
-            f"Split of {len(manifest.class_names)} classes: "
-            + ", ".join(f"{name} {counts[name]:,}" for name in ("train", "val", "test"))
-            + f"\nSplit fingerprint {manifest.fingerprint()}"
-            + f"\nManifest and ingest report: {folder}"
-        )
-
-    run()
-
-if __name__ == "__main__":
-    os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[2]))
-    main()
