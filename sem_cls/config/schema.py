@@ -3,6 +3,7 @@ YAML files extend them, Hydra checks types while composing, and `check_config` c
 ranges and combinations right after. Imports nothing heavier than Hydra."""
 
 import math
+import traceback
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -11,7 +12,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, Container, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sem_cls.errors import UserError, exits_on_user_error
@@ -276,10 +277,30 @@ def _checked(key: str, node: DictConfig):
         raise UserError(f"{full_key}: {reason}.") from None
 
 
+def _missing_keys(node: Container, prefix: str = ""):
+    """Keys left `???`, without resolving interpolations (Hydra's own keys are Hydra's)."""
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        child = node._get_node(key)
+        if prefix == "" and key == "hydra":
+            continue
+        if child._is_missing():
+            yield f"{prefix}{key}"
+        elif isinstance(child, Container) and not child._is_interpolation():
+            yield from _missing_keys(child, f"{prefix}{key}.")
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Refuse a config whose `data` or `model` values are of the wrong type or out of range, or
-    do not go together. Run by every entry point right after composition (and on a resumed
-    run's saved config), before anything heavy is imported."""
+    """Refuse a config with a required value left out (`???`, e.g. eval's ckpt_path), or whose
+    `data` or `model` values are of the wrong type or out of range, or do not go together. Run
+    by every entry point right after composition (and on a resumed run's saved config),
+    before anything heavy is imported."""
+    missing = list(_missing_keys(cfg))
+    if missing:
+        others = f" (nor has {', '.join(missing[1:])})" if missing[1:] else ""
+        raise UserError(
+            f"{missing[0]} has no value{others}: give it on the command line, {missing[0]}=..."
+        )
     sections = {key: _checked(key, cfg[key]) for key in SCHEMAS if cfg.get(key) is not None}
     data, model = sections.get("data"), sections.get("model")
     if data and model and data.engine != FeatureEngine.torch and not model.frozen:
@@ -307,18 +328,27 @@ def check_sweep(config: DictConfig) -> None:
             check_config(job)
 
 
+def _check_or_exit(check, config: DictConfig) -> None:
+    """Hydra turns what a callback raises into a warning and goes on; a refused config, or a
+    check that failed, must stop the program instead."""
+    try:
+        exits_on_user_error(check)(config)
+    except Exception as err:
+        traceback.print_exc()
+        raise SystemExit(f"Checking the config failed: {err!r}") from err
+
+
 class ConfigCheck(Callback):
     """Hydra callback (conf/hydra/default.yaml): `check_config` on the composed config before
     Hydra creates the run's output folder, and on each job's config in a sweep (-m), whose
-    swept values the sweep's own config does not hold yet. Hydra turns what a callback raises
-    into a warning, so a refusal ends the program here (exit code 2)."""
+    swept values the sweep's own config does not hold yet."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        exits_on_user_error(check_config)(config)
+        _check_or_exit(check_config, config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        exits_on_user_error(check_sweep)(config)
+        _check_or_exit(check_sweep, config)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
-            exits_on_user_error(check_config)(config)
+            _check_or_exit(check_config, config)
