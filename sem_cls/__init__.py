@@ -16,9 +16,3 @@ OmegaConf.register_new_resolver(
     use_cache=True,
     replace=True,
 )
-
-# The schemas the data and model config groups extend (conf/data/nffa.yaml's defaults), in
-# Hydra's ConfigStore before anything composes a config, for the same reason.
-from sem_cls.config.schema import register_schemas  # noqa: E402
-
-register_schemas()

@@ -255,6 +255,7 @@ SCHEMAS = {"data": DataConfig, "model": ModelConfig}
 
 
 def register_schemas() -> None:
+    """Called by hydra_plugins/sem_cls_schemas.py, which Hydra imports when it starts."""
     store = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
         store.store(name=f"{group}_schema", node=schema)
