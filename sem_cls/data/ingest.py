@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -297,3 +298,9 @@ def write_data_files(folder: Path, manifest, ingested: Ingest) -> Path:
     manifest.write(folder / "manifest.csv")
     ingested.write_report(folder / "ingest_report.csv")
     return folder
+
+
+if __name__ == "__main__":
+    # The command moved up a layer (data/ imports nothing above it); say so rather than exit 0.
+    print("Error: run `python -m sem_cls.ingest` (same options) instead.", file=sys.stderr)
+    raise SystemExit(2)
