@@ -14,28 +14,12 @@ from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
+# Only Hydra at the top: a refused command line answers in a second. torch, Lightning, timm
+# and MLflow are imported by evaluate(), after Hydra composed and checked the config.
 import hydra  # noqa: E402
-import lightning as L  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
-from sem_cls.data.ingest import ingest_folder  # noqa: E402
-from sem_cls.data.manifest import SplitManifest, labelled_samples  # noqa: E402
-from sem_cls.errors import UserError, check_command_line, exits_on_user_error  # noqa: E402
-from sem_cls.evaluation.saliency import write_saliency  # noqa: E402
-from sem_cls.registry import (  # noqa: E402
-    is_model_uri,
-    load_checkpoint,  # noqa: F401 -- where callers of eval.load_checkpoint find it
-    load_model,
-)
-from sem_cls.runner import build_trainer  # noqa: E402
-from sem_cls.tracking import (  # noqa: E402
-    log_artifacts,
-    mark_model_training,
-    mlflow_loggers,
-    print_summary,
-    set_tags,
-)
+from sem_cls.errors import UserError, exits_on_user_error, run_command  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +36,22 @@ def external_folders(folders: list[str]) -> dict[str, Path]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    batch_size = cfg.data.batch_size
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise UserError(f"data.batch_size={batch_size} must be a whole number of 1 or more.")
+    import lightning as L
+
+    from sem_cls.data.datamodule import SEMDataModule
+    from sem_cls.data.ingest import ingest_folder
+    from sem_cls.data.manifest import SplitManifest, labelled_samples
+    from sem_cls.evaluation.saliency import write_saliency
+    from sem_cls.registry import is_model_uri, load_model
+    from sem_cls.runner import build_trainer
+    from sem_cls.tracking import (
+        log_artifacts,
+        mark_model_training,
+        mlflow_loggers,
+        print_summary,
+        set_tags,
+    )
+
     L.seed_everything(cfg.seed, workers=True)
     # A .ckpt file, or an MLflow model (models:/<name>@<alias>, runs:/<run id>/model).
     tracking_uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
@@ -113,9 +110,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @exits_on_user_error
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    evaluate(cfg)  # Hydra composed cfg and checked it (sem_cls.config.schema.ConfigCheck)
+
+
+def __getattr__(name: str):
+    """eval.load_checkpoint, where callers find it, imported (with torch) only when asked for."""
+    if name == "load_checkpoint":
+        from sem_cls.registry import load_checkpoint
+
+        return load_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    check_command_line(Path(__file__).resolve().parent / "conf", "eval")
-    main()
+    run_command(main)

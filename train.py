@@ -8,47 +8,36 @@ python train.py reproduce=<run folder or MLflow run id>  # run a saved config ag
 """
 
 import logging
-import math
 import os
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
+# Only Hydra and the config schema at the top: a refused command line answers in a second.
+# torch, Lightning, timm and MLflow are imported by train(), after the config was checked.
 import hydra  # noqa: E402
-import lightning as L  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
-from sem_cls.data.ingest import ingest_folder  # noqa: E402
-from sem_cls.data.manifest import SplitManifest  # noqa: E402
-from sem_cls.errors import UserError, check_command_line, exits_on_user_error  # noqa: E402
-from sem_cls.registry import log_best_model, read_checkpoint  # noqa: E402
-from sem_cls.resume import RUN_ID_FILE, last_checkpoint, saved_config  # noqa: E402
-from sem_cls.runner import build_trainer  # noqa: E402
-from sem_cls.tracking import log_run_context, mlflow_loggers, print_summary  # noqa: E402
+from sem_cls.config.schema import check_config  # noqa: E402
+from sem_cls.errors import exits_on_user_error, run_command  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-def check_config(cfg: DictConfig, resume_from: Path | None = None) -> None:
-    """Refuse values that would otherwise fail only after ingest, model building or the start
-    of an MLflow run."""
-    lr = OmegaConf.select(cfg, "model.optimizer.lr")
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise UserError(f"model.optimizer.lr={lr} must be a positive number, e.g. 1e-3.")
-    batch_size = cfg.data.batch_size
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise UserError(f"data.batch_size={batch_size} must be a whole number of 1 or more.")
-    checkpoint = resume_from and last_checkpoint(resume_from)
-    if checkpoint:
-        read_checkpoint(checkpoint, option=f"resume={resume_from}: checkpoint")
 
 
 def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     """Fit and test as `cfg` says, continuing the run in `resume_from` if given; return the
     logged metrics."""
-    check_config(cfg, resume_from)
+    import lightning as L
+
+    from sem_cls.data.datamodule import SEMDataModule
+    from sem_cls.data.ingest import ingest_folder
+    from sem_cls.data.manifest import SplitManifest
+    from sem_cls.registry import log_best_model
+    from sem_cls.resume import RUN_ID_FILE, last_checkpoint
+    from sem_cls.runner import build_trainer
+    from sem_cls.tracking import log_run_context, mlflow_loggers, print_summary
+
     L.seed_everything(cfg.seed, workers=True)
     ingested = ingest_folder(cfg.data)  # every file checked once (cached); bad ones left out
     manifest = SplitManifest.from_config(cfg.data, ingested)  # data.manifest, or a new split
@@ -87,11 +76,20 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exits_on_user_error
 def main(cfg: DictConfig) -> float | None:
-    cfg, resume_from = saved_config(cfg, HydraConfig.get().overrides.task)
+    # Hydra composed cfg and checked it (sem_cls.config.schema.ConfigCheck) before this runs.
+    resume_from = None
+    if cfg.get("resume") or cfg.get("reproduce"):
+        from sem_cls.registry import read_checkpoint
+        from sem_cls.resume import last_checkpoint, saved_config
+
+        cfg, resume_from = saved_config(cfg, HydraConfig.get().overrides.task)
+        check_config(cfg)  # the saved config, with this command line's values on top
+        checkpoint = resume_from and last_checkpoint(resume_from)
+        if checkpoint:
+            read_checkpoint(checkpoint, option=f"resume={resume_from}: checkpoint")
     metrics = train(cfg, resume_from)
     return metrics.get(cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
-    check_command_line(Path(__file__).resolve().parent / "conf", "train")
-    main()
+    run_command(main)

@@ -12,13 +12,16 @@ which the tracking URI (`paths.mlruns_dir=...`) and the default metric (`optimiz
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from sem_cls.errors import UserError
-from sem_cls.tracking import SUMMARY_TAG, runs_table, tracking_client
+from sem_cls.config.schema import check_config
+from sem_cls.errors import UserError, exits_on_user_error
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"experiment": None, "metric": None, "top": "10", "sweep": None, "direction": "maximize"}
@@ -71,11 +74,15 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
     return options, overrides
 
 
-def compare(argv: list[str]) -> pd.DataFrame:
-    import mlflow
-
+def compare(argv: list[str]) -> "pd.DataFrame":
     options, overrides = parse(argv)
     cfg = train_config(overrides)
+    check_config(cfg)
+    # MLflow and pandas only for a command line that was not refused.
+    import mlflow
+
+    from sem_cls.tracking import SUMMARY_TAG, runs_table, tracking_client
+
     metric = options["metric"] or cfg.optimized_metric
     uri = cfg.logger.mlflow.tracking_uri
     mlflow.set_tracking_uri(uri)
@@ -104,7 +111,9 @@ def compare(argv: list[str]) -> pd.DataFrame:
     return table
 
 
-if __name__ == "__main__":
-    from sem_cls.errors import exits_on_user_error
-
+def main() -> None:
     exits_on_user_error(compare)(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

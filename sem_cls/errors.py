@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def _message(error: Exception) -> str:
     if isinstance(error, MissingConfigException):
         # Hydra lists its whole config search path after the options; the options suffice.
         message = message.split("\nConfig search path", 1)[0]
+    if isinstance(error, OverrideParseException):
+        message = (
+            f"The override {error.override} is malformed ({message.splitlines()[0]}). Overrides "
+            "are key=value, e.g. model.optimizer.lr=1e-3; quote values with brackets or commas: "
+            "'key=[a,b]'."
+        )
     if not isinstance(error, UserError) and error.__cause__ is not None:
         message += "\n" + str(error.__cause__).splitlines()[0]  # e.g. "Key 'x' is not in struct"
     return message.strip()
@@ -61,9 +68,28 @@ def exits_on_user_error(task):
     return wrapper
 
 
+def run_command(main) -> None:
+    """Run a `@hydra.main` function as the command line asks. Hydra's own refusals (a key or
+    config option that does not exist, a malformed override, a value of the wrong type or not
+    among the choices) and a config refused by sem_cls.config.schema.check_config while Hydra
+    composes end like every user error: one message, exit code 2, before anything heavy is
+    imported. Left to itself Hydra prints them and exits 1, with advice about HYDRA_FULL_ERROR;
+    with HYDRA_FULL_ERROR set it raises them instead, so they can be told apart here."""
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        exits_on_user_error(main)()
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
 @exits_on_user_error
 def check_command_line(config_dir: Path, config_name: str) -> None:
-    """Compose the config of this command line once before `@hydra.main` does: an override of
+    """Superseded by `run_command`, which lets Hydra compose once (predict and app still call
+    this). Compose the config of this command line once before `@hydra.main` does: an override of
     no such key, an unknown config option or a malformed override then ends with exit code 2
     and one message (Hydra itself exits 1 with advice about HYDRA_FULL_ERROR). Hydra's own
     answers (--help, --info, ...) are left to it; in a sweep (-m) the first value of every

@@ -12,8 +12,6 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sem_cls.tracking import experiment_for, summarize_sweep, sweep_id
-
 log = logging.getLogger(__name__)
 
 
@@ -31,12 +29,17 @@ class SweepTracking(Callback):
         # two schema migrations at once, and all but one job fail. One creation, before any.
         mlflow_cfg = OmegaConf.select(config, "logger.mlflow")
         if mlflow_cfg is not None:
+            # Imported here: Hydra builds its callbacks for every run, even one refused at once.
+            from sem_cls.tracking import experiment_for
+
             experiment_for(mlflow_cfg)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         mlflow_cfg = OmegaConf.select(config, "logger.mlflow")
         if mlflow_cfg is None or self.metric is None:
             return
+        from sem_cls.tracking import summarize_sweep, sweep_id
+
         summarize_sweep(
             mlflow_cfg,
             sweep_id(config.hydra, config.paths.log_dir),

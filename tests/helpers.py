@@ -78,12 +78,16 @@ def run_in_process(target: str, *overrides: str, tmp_path: Path) -> subprocess.C
     its command line runs it: what a refusal shows a user (exit code, stdout, stderr, a traceback
     if one escapes) without a new interpreter's ten seconds of imports. run_entry_point pins
     each entry point's real command line."""
+    flags = [
+        o for o in overrides if o.startswith("-")
+    ]  # -m before the overrides, as argparse wants
     argv = [
         target,
+        *flags,
         f"paths.mlruns_dir={tmp_path / 'mlruns'}",
         f"paths.log_dir={tmp_path / 'logs'}",
         f"paths.cache_dir={tmp_path / 'cache'}",
-        *overrides,
+        *(o for o in overrides if o not in flags),
     ]
     stdout, stderr = io.StringIO(), io.StringIO()
     saved_argv = sys.argv

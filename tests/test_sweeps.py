@@ -235,12 +235,6 @@ def test_launcher_and_search_configs_compose():
             ["hparams_search=optuna", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
             return_hydra_config=True,
         )
-    launcher = slurm.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
-    assert slurm.hydra.sweeper.n_jobs == launcher.array_parallelism  # one batch of trials
-    sweeper = search.hydra.sweeper
-    assert sweeper._target_ == "hydra_plugins.sem_cls_optuna_sweeper.ResumableOptunaSweeper"
-    assert sweeper.n_jobs == 2  # trials launched together: the launcher's parallel jobs
-    assert sweeper.storage == f"sqlite:///{search.paths.mlruns_dir}/optuna.db"
-    assert search.hydra.callbacks.sweep_tracking.direction == "maximize"
+    # Optuna asks for as many trials at once as the launcher runs together.
+    assert slurm.hydra.sweeper.n_jobs == slurm.hydra.launcher.array_parallelism
+    assert search.hydra.sweeper.n_jobs == 2

@@ -396,9 +396,7 @@ def download_from_config(cfg) -> dict[str, Path]:
 def main() -> None:
     import hydra
 
-    from sem_cls.errors import check_command_line, exits_on_user_error
-
-    check_command_line(Path(__file__).resolve().parents[2] / "conf", "download")
+    from sem_cls.errors import exits_on_user_error, run_command
 
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="download")
     @exits_on_user_error
@@ -415,7 +413,7 @@ def main() -> None:
             f"{len(class_dirs)} class folders in {target}{described}.\nTrain on them: {train}"
         )
 
-    run()
+    run_command(run)
 
 
 if __name__ == "__main__":

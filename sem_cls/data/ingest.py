@@ -8,8 +8,7 @@ could not be read this time (an OS error) is reported but checked again next tim
 content under two class folders (a copy, or a link to another class's file) is a label conflict:
 reported, and left out unless `label_conflicts` says to keep them or to refuse the folder.
 
-python -m sem_cls.data.ingest                        # the folder training would use, and its split
-python -m sem_cls.data.ingest data.data_dir=/my/sem  # any <Class>/ folder
+The command line, `python -m sem_cls.ingest`, is in sem_cls/ingest.py.
 """
 
 import csv
@@ -18,6 +17,7 @@ import hashlib
 import io
 import logging
 import os
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -372,31 +372,7 @@ def write_data_files(folder: Path, manifest, ingested: Ingest) -> Path:
     return folder
 
 
-def main() -> None:
-    import hydra
-
-    from sem_cls.data.manifest import SplitManifest
-    from sem_cls.errors import check_command_line, exits_on_user_error
-
-    check_command_line(Path(__file__).resolve().parents[2] / "conf", "ingest")
-
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="ingest")
-    @exits_on_user_error
-    def run(cfg) -> None:
-        ingested = ingest_folder(cfg.data)
-        manifest = SplitManifest.from_config(cfg.data, ingested)
-        folder = write_data_files(Path(cfg.paths.output_dir) / "data", manifest, ingested)
-        counts = Counter(row["split"] for row in manifest.rows)
-        print(
-            f"Split of {len(manifest.class_names)} classes: "
-            + ", ".join(f"{name} {counts[name]:,}" for name in ("train", "val", "test"))
-            + f"\nSplit fingerprint {manifest.fingerprint()}"
-            + f"\nManifest and ingest report: {folder}"
-        )
-
-    run()
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[2]))
-    main()
+    # The command moved up a layer (data/ imports nothing above it); say so rather than exit 0.
+    print("Error: run `python -m sem_cls.ingest` (same options) instead.", file=sys.stderr)
+    raise SystemExit(2)
