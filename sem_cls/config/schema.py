@@ -37,6 +37,14 @@ class Sampler(Choice):
     balanced = "balanced"  # every class drawn equally often in training
 
 
+class LabelConflicts(Choice):
+    """The same image under two class folders (sem_cls.data.ingest)."""
+
+    drop = "drop"  # left out of training and evaluation
+    keep = "keep"  # used under both labels
+    refuse = "refuse"  # the folder is refused
+
+
 class ClassWeighting(Choice):
     none = "none"
     balanced = "balanced"  # each class's loss weighed by n_images / (n_classes * count)
@@ -99,6 +107,7 @@ class DataConfig:
     info_bar: Any = "auto"  # auto | none | rows; OmegaConf 2.3 has no str-or-int type
     max_pixels: int = 50_000_000
     sampler: str = Sampler.none.value  # a Sampler
+    label_conflicts: str = LabelConflicts.drop.value  # a LabelConflicts
     augment: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 32
     num_workers: int = 2
@@ -112,6 +121,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require_choice("data.sampler", self.sampler, Sampler)
         _require_choice("data.engine", self.engine, FeatureEngine)
+        _require_choice("data.label_conflicts", self.label_conflicts, LabelConflicts)
         split = list(self.split)
         _require(
             len(split) == 3 and min(split) > 0 and abs(sum(split) - 1) <= 1e-6,
