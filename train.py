@@ -10,6 +10,7 @@ python train.py reproduce=<run folder or MLflow run id>  # run a saved config ag
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -21,10 +22,15 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
 from sem_cls.data.ingest import ingest_folder  # noqa: E402
-from sem_cls.data.manifest import SplitManifest  # noqa: E402
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error  # noqa: E402
 from sem_cls.registry import log_best_model, read_checkpoint  # noqa: E402
-from sem_cls.resume import RUN_ID_FILE, last_checkpoint, saved_config  # noqa: E402
+from sem_cls.resume import (  # noqa: E402
+    RUN_ID_FILE,
+    last_checkpoint,
+    resume_hydra_overrides,
+    run_manifest,
+    saved_config,
+)
 from sem_cls.runner import build_trainer  # noqa: E402
 from sem_cls.tracking import log_run_context, mlflow_loggers, print_summary  # noqa: E402
 
@@ -51,7 +57,7 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     check_config(cfg, resume_from)
     L.seed_everything(cfg.seed, workers=True)
     ingested = ingest_folder(cfg.data)  # every file checked once (cached); bad ones left out
-    manifest = SplitManifest.from_config(cfg.data, ingested)  # data.manifest, or a new split
+    manifest = run_manifest(cfg, ingested, resume_from)  # the run's own, data.manifest or new
     datamodule = SEMDataModule.from_config(manifest, cfg.data)
     model = hydra.utils.instantiate(cfg.model, class_names=manifest.class_names, _convert_="all")
     datamodule.attach_model(model)
@@ -94,4 +100,8 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     check_command_line(Path(__file__).resolve().parent / "conf", "train")
+    # resume=: Hydra's record and the log go to the run's own folder.
+    sys.argv += exits_on_user_error(resume_hydra_overrides)(
+        Path(__file__).resolve().parent / "conf", "train", sys.argv[1:]
+    )
     main()

@@ -238,7 +238,15 @@ def log_run_context(
     resumed_from: Path | None = None,
 ) -> None:
     """Config as params; git, package versions and split fingerprint as tags; .hydra/, manifest,
-    ingest report and installed packages as files (also kept in the run's output folder)."""
+    ingest report and installed packages as files (also kept in the run's output folder).
+
+    A resumed run (`resumed_from`) is the same run: it gets the tag `resumed_from` and nothing
+    else, so its split fingerprint, manifest and the record of how it started stay as they were.
+    """
+    if resumed_from is not None:
+        for logger in mlflow_loggers(loggers):
+            logger.experiment.set_tag(logger.run_id, "resumed_from", str(resumed_from))
+        return
     data_files = write_data_files(Path(cfg.paths.output_dir) / "data", manifest, ingested)
     environment = write_environment(Path(cfg.paths.output_dir) / "environment")
     tags = {
@@ -250,10 +258,7 @@ def log_run_context(
     }
     for logger in mlflow_loggers(loggers):
         mark_model_training(logger)
-        if resumed_from is None:  # a continued run has its params; MLflow refuses new values
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        else:
-            logger.experiment.set_tag(logger.run_id, "resumed_from", str(resumed_from))
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
         if hydra_dir.is_dir():  # absent when composed outside a Hydra run, as in tests
