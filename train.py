@@ -32,6 +32,7 @@ from sem_cls.resume import (  # noqa: E402
     saved_config,
 )
 from sem_cls.runner import build_trainer  # noqa: E402
+from sem_cls.stopping import ends_recorded, stop_if_signalled  # noqa: E402
 from sem_cls.tracking import log_run_context, mlflow_loggers, print_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     if resume_from:
         log.info("Continuing from %s", checkpoint or "the start: no checkpoint was saved")
     trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
+    stop_if_signalled()  # Lightning leaves a signal in the last batch to its caller
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
@@ -94,7 +96,8 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
 @exits_on_user_error
 def main(cfg: DictConfig) -> float | None:
     cfg, resume_from = saved_config(cfg, HydraConfig.get().overrides.task)
-    metrics = train(cfg, resume_from)
+    with ends_recorded(cfg):  # a signal or error ends the MLflow run KILLED or FAILED
+        metrics = train(cfg, resume_from)
     return metrics.get(cfg.get("optimized_metric"))
 
 

@@ -319,6 +319,23 @@ class ContinuingMLFlowLogger(MLFlowLogger):
             super().log_metrics(fresh, step)
 
 
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """End an MLflow run that did not finish as `status` (KILLED or FAILED), unless it already
+    ended otherwise: a run never stays RUNNING after its process is gone. Called while a run is
+    failing, so a store that cannot be written (full disk) is named in the log, not raised."""
+    import mlflow
+
+    try:
+        client = tracking_client(tracking_uri)
+        current = client.get_run(run_id).info.status
+        if current == "RUNNING" or (current == "FAILED" and status == "KILLED"):
+            client.set_terminated(run_id, status)
+    except (OSError, mlflow.exceptions.MlflowException) as err:
+        logging.getLogger(__name__).error(
+            "MLflow run %s in %s could not be marked %s: %s", run_id, tracking_uri, status, err
+        )
+
+
 def find_run(run_id: str, tracking_uri: str):
     """The MLflow run of `run_id` in `tracking_uri`, or None where there is none."""
     import mlflow
