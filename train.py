@@ -66,10 +66,11 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     # Under DDP every rank runs this script; the run's files and MLflow records are rank 0's.
     if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for logger in mlflow_loggers(trainer.loggers):  # what resume= continues; first, so a
+            (output_dir / RUN_ID_FILE).write_text(logger.run_id)  # failure ends it FAILED
         hydra_dir = output_dir / ".hydra"
         log_run_context(trainer.loggers, cfg, manifest, ingested, hydra_dir, resume_from)
-        for logger in mlflow_loggers(trainer.loggers):  # what resume= continues
-            (output_dir / RUN_ID_FILE).write_text(logger.run_id)
 
     checkpoint = resume_from and last_checkpoint(resume_from)
     if resume_from:

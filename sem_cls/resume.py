@@ -19,7 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from sem_cls.data.manifest import SplitManifest
-from sem_cls.errors import UserError
+from sem_cls.errors import OutOfSpace, UserError, is_out_of_space
 from sem_cls.tracking import (
     ContinuingMLFlowLogger,  # noqa: F401 -- named by saved run configs
     find_run,
@@ -44,8 +44,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             super().save_checkpoint(checkpoint, partial, storage_options)
             os.replace(partial, path)
+        except OSError as err:
+            if is_out_of_space(err):  # the log folder's disk (or TMPDIR's, see above) is full
+                needed = sum(t.nbytes for t in _tensors(checkpoint))
+                raise OutOfSpace(path, needed, "paths.log_dir") from None
+            raise
         finally:
             partial.unlink(missing_ok=True)
+
+
+def _tensors(value):
+    """Every tensor in a checkpoint's nested dicts, lists and tuples: about its size on disk."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
 
 
 class RandomState(Callback):

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from sem_cls.errors import OutOfSpace, is_out_of_space
 from sem_cls.resume import RUN_ID_FILE, last_checkpoint
 from sem_cls.tracking import end_run
 
@@ -106,6 +107,38 @@ class CheckpointOnStop(Callback):
             log.info("Stopped during epoch %d: saved %s", trainer.current_epoch, path)
 
 
+def out_of_space(err: BaseException, cfg: DictConfig) -> OutOfSpace | None:
+    """The disk-space error behind `err` (an OSError with ENOSPC, or SQLite's "database or disk
+    is full" from the MLflow store), named by its path and the option that moves it; None when
+    `err` is not for want of space."""
+    paths = {  # most specific first: the MLflow store and the cache may lie in the log folder
+        "paths.mlruns_dir": OmegaConf.select(cfg, "paths.mlruns_dir"),
+        "paths.cache_dir": OmegaConf.select(cfg, "paths.cache_dir"),
+        "paths.log_dir": OmegaConf.select(cfg, "paths.log_dir"),
+    }
+
+    def option_for(path: Path) -> str:
+        for option, folder in paths.items():
+            if folder and Path(path).resolve().is_relative_to(Path(folder).resolve()):
+                return option
+        return "paths.log_dir"
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if is_out_of_space(err) and (err.filename2 or err.filename):
+            # shutil.copy names its source as filename and its target as filename2
+            target = Path(err.filename2 or err.filename)
+            source = Path(err.filename) if err.filename2 else None
+            needed = source.stat().st_size if source is not None and source.is_file() else None
+            return OutOfSpace(target, needed, option_for(target))
+        if "database or disk is full" in str(err):
+            store = paths["paths.mlruns_dir"] or "the MLflow store"
+            return OutOfSpace(Path(store), None, "paths.mlruns_dir")
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _run_id(output_dir: Path) -> str | None:
     path = output_dir / RUN_ID_FILE
     return path.read_text().strip() if path.is_file() else None
@@ -143,6 +176,9 @@ def ends_recorded(cfg: DictConfig):
         failed = not isinstance(err, SystemExit) or err.code not in (0, None)
         if failed and rank_zero_only.rank == 0 and uri and _run_id(output_dir):
             end_run(uri, _run_id(output_dir), "FAILED")
+        full = None if isinstance(err, OutOfSpace) else out_of_space(err, cfg)
+        if full is not None:
+            raise full from None
         raise
     finally:
         signals.restore()

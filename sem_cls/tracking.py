@@ -328,7 +328,9 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     try:
         client = tracking_client(tracking_uri)
         current = client.get_run(run_id).info.status
-        if current == "RUNNING" or (current == "FAILED" and status == "KILLED"):
+        # A stopped run is KILLED whatever Lightning marked it on the way out: FAILED by its
+        # exception handling, FINISHED by its SLURM requeue handler.
+        if current == "RUNNING" or status == "KILLED":
             client.set_terminated(run_id, status)
     except (OSError, mlflow.exceptions.MlflowException) as err:
         logging.getLogger(__name__).error(

@@ -2,6 +2,8 @@
 folders. Each ends with a clear message and exit code, the MLflow run's status says how it
 ended, and nothing the run had recorded is overwritten."""
 
+import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -15,7 +17,14 @@ import pytest
 import torch
 from lightning import Callback
 
-from tests.helpers import ROOT, run_in_process, tiny_training_overrides
+from tests.helpers import (
+    ROOT,
+    assert_user_error,
+    cached,
+    run_in_process,
+    tiny_backbone,
+    tiny_training_overrides,
+)
 
 
 def the_run(mlruns_dir: Path):
@@ -108,7 +117,10 @@ class SignalAtBatch(Callback):
             os.kill(os.getpid(), self.signum)
 
 
-@pytest.mark.parametrize(("signum", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [("SIGTERM", 143), pytest.param("SIGINT", 130, marks=pytest.mark.slow)],  # the same path
+)
 def test_a_signal_mid_epoch_saves_the_epoch_and_ends_the_run_killed(
     signum, code, tiny_sem_dir, tmp_path
 ):
@@ -147,3 +159,167 @@ def test_sigint_during_feature_extraction_ends_the_run_killed_and_leaves_no_part
     assert the_run(tmp_path / "mlruns").info.status == "KILLED"
     assert not list(cache.rglob("*.partial-*")) and not list(cache.rglob("*.npy"))
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted at `folder` with `options` (size=..., ro): a small or read-only disk,
+    for real. Skips the test where mounting is not allowed (not root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill(folder: Path) -> None:
+    """Write into `folder` until its disk is full."""
+    with (folder / "filler").open("wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
+
+
+def test_a_full_cache_disk_ends_extraction_with_the_space_needed(tmp_path):
+    from sem_cls.data.features import FeatureCache
+    from sem_cls.errors import OutOfSpace
+
+    with tmpfs(tmp_path / "cache", "size=256k") as cache:
+        fill(cache)
+        # Before: np.memmap of a sparse file, and SIGBUS at the first page the disk lacked.
+        with pytest.raises(OutOfSpace, match=r"No space left for .*MB free.*paths.cache_dir"):
+            cached(FeatureCache(cache), tiny_backbone())
+        assert [p.name for p in cache.rglob("*") if p.is_file()] == ["filler"]
+
+
+def test_extraction_reserves_its_file_before_extracting(tmp_path, monkeypatch):
+    """Where a disk fills up while the file is allocated: the message names the entry and its
+    size, and no partial file stays."""
+    from sem_cls.data.features import FeatureCache
+    from sem_cls.errors import OutOfSpace
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OutOfSpace, match=r"\.npy: it needs about 0\.0 MB .*paths.cache_dir"):
+        cached(FeatureCache(tmp_path / "cache"), tiny_backbone())
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def full_disk_under(folder: Path):
+    """os.sendfile (how shutil copies a file on Linux) failing as on a full disk for every
+    target under `folder`."""
+    sendfile = os.sendfile
+
+    def sendfile_or_full(out_fd, in_fd, offset, count):
+        if Path(os.readlink(f"/proc/self/fd/{out_fd}")).is_relative_to(folder):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return sendfile(out_fd, in_fd, offset, count)
+
+    return sendfile_or_full
+
+
+def test_a_full_mlflow_store_ends_the_run_failed_with_one_message(
+    tiny_sem_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(os, "sendfile", full_disk_under(tmp_path / "mlruns"))
+    result = run_in_process(
+        "train.py", *tiny_training_overrides(tiny_sem_dir), "trainer.max_epochs=1",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert_user_error(result, f"No space left for {tmp_path / 'mlruns'}", "paths.mlruns_dir")
+    assert the_run(tmp_path / "mlruns").info.status == "FAILED"
+
+
+def test_a_full_log_disk_ends_the_run_failed_naming_the_checkpoint(
+    tiny_sem_dir, tmp_path, monkeypatch
+):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    def full(self, checkpoint, path, storage_options=None):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", full)
+    run_dir = tmp_path / "run"
+    result = run_in_process(
+        "train.py", *tiny_training_overrides(tiny_sem_dir), "trainer.max_epochs=1",
+        f"hydra.run.dir={run_dir}", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert_user_error(result, f"No space left for {run_dir / 'checkpoints'}", "paths.log_dir")
+    assert the_run(tmp_path / "mlruns").info.status == "FAILED"
+    assert not list((run_dir / "checkpoints").iterdir())  # no partial checkpoint left
+
+
+def test_a_read_only_cache_is_read_and_the_run_goes_on_without_writing(
+    tiny_sem_dir, tmp_path, caplog
+):
+    from sem_cls.data.features import FeatureCache
+    from sem_cls.data.ingest import ingest
+
+    with tmpfs(tmp_path / "shared-cache", "ro,size=64k") as cache:
+        ingested = ingest(tiny_sem_dir, cache_dir=cache / "ingest", workers=1, progress=False)
+        features = cached(FeatureCache(cache / "features"), tiny_backbone())
+        assert len(ingested.images) == 80 and features.shape[0] == 6
+        assert not list(cache.iterdir())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("Ingest cache" in w and "paths.cache_dir" in w for w in warnings), warnings
+    assert any("Feature cache" in w and "paths.cache_dir" in w for w in warnings), warnings
+
+
+def test_the_demo_generator_refuses_a_read_only_target_naming_data_data_dir(tmp_path):
+    from sem_cls.data.synthetic import generate_dataset
+    from sem_cls.errors import UserError
+
+    refused = pytest.raises(UserError, match=r"cannot be written to .*ro/synthetic.*data.data_dir")
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as folder, refused:
+        generate_dataset(folder / "synthetic", images_per_class=1, workers=1)
+
+
+@pytest.mark.slow  # a stopped run and its continuation
+def test_a_slurm_job_is_requeued_on_its_time_limit_signal_and_resumes(
+    tiny_sem_dir, tmp_path, monkeypatch
+):
+    """As `#SBATCH --signal=SIGUSR1@90` and Lightning's SLURM auto-requeue do it: SIGUSR1 ahead of
+    the time limit, Lightning saves and calls `scontrol requeue <job>`, SLURM then sends SIGTERM
+    to the job; the requeued job runs the same script, which resumes the run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    requeued = tmp_path / "requeued"
+    scontrol = bin_dir / "scontrol"  # SLURM's: requeue ends the running job with SIGTERM
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {requeued}\nkill -TERM $PPID\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "SLURM_NODELIST": "localhost"}  # fmt: skip
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    run_dir = tmp_path / "run"
+    overrides = [
+        *tiny_training_overrides(tiny_sem_dir),
+        "data.batch_size=4",
+        f"hydra.run.dir={run_dir}",
+    ]
+    stopped = run_in_process(
+        "train.py",
+        *overrides,
+        f"+callbacks.signal._target_={__name__}.SignalAtBatch",
+        "+callbacks.signal.signum=SIGUSR1",
+        tmp_path=tmp_path,
+    )
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert requeued.read_text().split() == ["requeue", "4242"]
+    assert f"resume={run_dir}" in stopped.stderr
+    assert the_run(tmp_path / "mlruns").info.status == "KILLED"
+
+    resumed = run_in_process("train.py", f"resume={run_dir}", tmp_path=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = the_run(tmp_path / "mlruns")
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics

@@ -10,6 +10,7 @@ python -m sem_cls.data.ingest                        # the folder training would
 python -m sem_cls.data.ingest data.data_dir=/my/sem  # any <Class>/ folder
 """
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -153,13 +154,22 @@ def _read_cache(path: Path | None) -> dict[str, dict]:
 
 
 def _write_cache(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".partial-{os.getpid()}")
-    with partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(record for record in records if not record.get(RETRY))
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(record for record in records if not record.get(RETRY))
+        os.replace(partial, path)
+    except OSError as err:  # a shared read-only cache, a full disk: the ingest itself is done
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        log.warning(
+            "Ingest cache %s cannot be written (%s); the run goes on, and the next ingest "
+            "checks every file again. Set paths.cache_dir to a folder you can write to keep it.",
+            path, err.strerror or err,
+        )  # fmt: skip
 
 
 def _typed(record: dict) -> dict:
@@ -323,6 +333,7 @@ def main() -> None:
         )
 
     run()
+
 
 if __name__ == "__main__":
     os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[2]))
