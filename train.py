@@ -84,6 +84,7 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
         if not best:
             log.warning("No best checkpoint was saved; testing the weights as they are now.")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        stop_if_signalled()
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
 
     if OmegaConf.select(cfg, "logger.mlflow.log_model", default=False):

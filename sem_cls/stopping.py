@@ -12,6 +12,7 @@ extraction, registration) there is no batch to finish, and the signal stops the 
 import logging
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class StopSignals:
         self._forwarding = False
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python sets handlers in the main thread only (a launcher's thread pool)
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)

@@ -179,10 +179,13 @@ def tmpfs(folder: Path, options: str):
 
 def fill(folder: Path) -> None:
     """Write into `folder` until its disk is full."""
-    with (folder / "filler").open("wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 4096)
-            f.flush()
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
 
 
 def test_a_full_cache_disk_ends_extraction_with_the_space_needed(tmp_path):
@@ -243,6 +246,7 @@ def test_a_full_log_disk_ends_the_run_failed_naming_the_checkpoint(
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     def full(self, checkpoint, path, storage_options=None):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(b"half a checkpoint")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 

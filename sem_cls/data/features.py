@@ -239,6 +239,8 @@ class FeatureCache:
         try:
             entry_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
+            if is_out_of_space(err):
+                raise OutOfSpace(entry, 4 * shape[0] * shape[1], "paths.cache_dir") from None
             if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise _unrepairable(entry_dir, err) from None  # a file where a folder should be
         if not os.access(entry_dir, os.W_OK) and not distributed:
