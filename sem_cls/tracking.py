@@ -320,9 +320,9 @@ class ContinuingMLFlowLogger(MLFlowLogger):
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """End an MLflow run that did not finish as `status` (KILLED or FAILED), unless it already
-    ended otherwise: a run never stays RUNNING after its process is gone. Called while a run is
-    failing, so a store that cannot be written (full disk) is named in the log, not raised."""
+    """End an MLflow run that did not finish: FAILED where it is still RUNNING, KILLED whatever
+    it shows. No run stays RUNNING after its process is gone. Called while a run is failing, so
+    a store that cannot be written (full disk) is named in the log, not raised."""
     import mlflow
 
     try:
@@ -333,7 +333,7 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
         if current == "RUNNING" or status == "KILLED":
             client.set_terminated(run_id, status)
     except (OSError, mlflow.exceptions.MlflowException) as err:
-        logging.getLogger(__name__).error(
+        log.error(
             "MLflow run %s in %s could not be marked %s: %s", run_id, tracking_uri, status, err
         )
 
