@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sem_cls.errors import OutOfSpace, is_out_of_space
 from sem_cls.resume import RUN_ID_FILE, last_checkpoint
-from sem_cls.tracking import end_run
+from sem_cls.tracking import end_run, run_status
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,8 @@ def ends_recorded(cfg: DictConfig):
     _active = signals
     output_dir = Path(cfg.paths.output_dir)
     uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
+    run_id = _run_id(output_dir)  # a resumed run's
+    status_before = run_status(uri, run_id) if uri and run_id else None
     try:
         yield signals
     except (Stopped, SIGTERMException, KeyboardInterrupt) as stop:
@@ -165,7 +167,7 @@ def ends_recorded(cfg: DictConfig):
         name = signal.Signals(signum).name
         if rank_zero_only.rank == 0:
             if uri and _run_id(output_dir):
-                end_run(uri, _run_id(output_dir), "KILLED")
+                end_run(uri, _run_id(output_dir), "KILLED", status_before)
             checkpoint = last_checkpoint(output_dir)
             where = f"last checkpoint: {checkpoint}" if checkpoint else "no checkpoint was saved"
             message = (

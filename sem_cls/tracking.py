@@ -319,18 +319,28 @@ class ContinuingMLFlowLogger(MLFlowLogger):
             super().log_metrics(fresh, step)
 
 
-def end_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """End an MLflow run that did not finish: FAILED where it is still RUNNING, KILLED whatever
-    it shows. No run stays RUNNING after its process is gone. Called while a run is failing, so
-    a store that cannot be written (full disk) is named in the log, not raised."""
+def run_status(tracking_uri: str, run_id: str) -> str | None:
+    """The status of an MLflow run (RUNNING, FINISHED, FAILED, KILLED), None if unreadable."""
+    import mlflow
+
+    try:
+        return tracking_client(tracking_uri).get_run(run_id).info.status
+    except (OSError, mlflow.exceptions.MlflowException):
+        return None
+
+
+def end_run(tracking_uri: str, run_id: str, status: str, status_before: str | None = None) -> None:
+    """End an MLflow run that did not finish: FAILED where it is still RUNNING; KILLED where it
+    is RUNNING or was marked otherwise since `status_before` (FAILED by Lightning's exception
+    handling, FINISHED by its SLURM requeue handler), not a finished run that a stopped resume
+    never reopened. No run stays RUNNING after its process is gone. Called while a run is
+    failing, so a store that cannot be written (full disk) is named in the log, not raised."""
     import mlflow
 
     try:
         client = tracking_client(tracking_uri)
         current = client.get_run(run_id).info.status
-        # A stopped run is KILLED whatever Lightning marked it on the way out: FAILED by its
-        # exception handling, FINISHED by its SLURM requeue handler.
-        if current == "RUNNING" or status == "KILLED":
+        if current == "RUNNING" or (status == "KILLED" and current != status_before):
             client.set_terminated(run_id, status)
     except (OSError, mlflow.exceptions.MlflowException) as err:
         log.error(

@@ -3,6 +3,7 @@ folders. Each ends with a clear message and exit code, the MLflow run's status s
 ended, and nothing the run had recorded is overwritten."""
 
 import contextlib
+import csv
 import errno
 import os
 import shutil
@@ -21,7 +22,9 @@ from tests.helpers import (
     ROOT,
     assert_user_error,
     cached,
+    compose_config,
     run_in_process,
+    split_manifest,
     tiny_backbone,
     tiny_training_overrides,
 )
@@ -327,3 +330,44 @@ def test_a_slurm_job_is_requeued_on_its_time_limit_signal_and_resumes(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = the_run(tmp_path / "mlruns")
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+
+
+def test_a_resume_that_would_leave_a_class_out_of_a_split_is_refused(tiny_sem_dir, tmp_path):
+    from sem_cls.data.ingest import ingest
+    from sem_cls.data.manifest import SplitManifest
+    from sem_cls.errors import UserError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_sem_dir, data)
+    manifest = split_manifest(data).write(tmp_path / "manifest.csv")
+    with manifest.open() as f:
+        held_out = [
+            r["path"] for r in csv.DictReader(f) if (r["class"], r["split"]) == ("Tips", "val")
+        ]
+    for path in held_out:
+        (data / path).unlink()
+    ingested = ingest(data, workers=1, progress=False)
+    with pytest.raises(UserError, match=r"no images of class 'Tips' left in val.*without resume="):
+        SplitManifest.resumed(manifest, ingested)
+
+
+def test_a_full_sqlite_store_is_named_with_the_option_that_moves_it(tmp_path):
+    """SQLite says "database or disk is full" through SQLAlchemy and MLflow, not as an OSError."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+
+    from sem_cls.stopping import out_of_space
+
+    cfg = compose_config("train", tmp_path)
+    try:
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as err:
+            raise MlflowException("(sqlite3.OperationalError) database or disk is full") from err
+    except MlflowException as err:
+        full = out_of_space(err, cfg)
+    assert full is not None
+    assert f"No space left for {tmp_path / 'mlruns'}" in str(full)
+    assert "paths.mlruns_dir" in str(full)
+    assert out_of_space(RuntimeError("a bug"), cfg) is None
