@@ -38,6 +38,7 @@ def the_run(mlruns_dir: Path):
     return run
 
 
+@pytest.mark.slow  # a run and its continuation
 def test_a_resumed_run_keeps_its_split_when_the_folder_changed(tiny_sem_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_sem_dir, data)
