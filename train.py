@@ -9,6 +9,7 @@ python train.py reproduce=<run folder or MLflow run id>  # run a saved config ag
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
@@ -32,15 +33,15 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
 
     from sem_cls.data.datamodule import SEMDataModule
     from sem_cls.data.ingest import ingest_folder
-    from sem_cls.data.manifest import SplitManifest
     from sem_cls.registry import log_best_model
-    from sem_cls.resume import RUN_ID_FILE, last_checkpoint
+    from sem_cls.resume import RUN_ID_FILE, last_checkpoint, run_manifest
     from sem_cls.runner import build_trainer
+    from sem_cls.stopping import stop_if_signalled
     from sem_cls.tracking import log_run_context, mlflow_loggers, print_summary
 
     L.seed_everything(cfg.seed, workers=True)
     ingested = ingest_folder(cfg.data)  # every file checked once (cached); bad ones left out
-    manifest = SplitManifest.from_config(cfg.data, ingested)  # data.manifest, or a new split
+    manifest = run_manifest(cfg, ingested, resume_from)  # the run's own, data.manifest or new
     datamodule = SEMDataModule.from_config(manifest, cfg.data)
     model = hydra.utils.instantiate(cfg.model, class_names=manifest.class_names, _convert_="all")
     datamodule.attach_model(model)
@@ -48,15 +49,17 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     # Under DDP every rank runs this script; the run's files and MLflow records are rank 0's.
     if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for logger in mlflow_loggers(trainer.loggers):  # what resume= continues; first, so a
+            (output_dir / RUN_ID_FILE).write_text(logger.run_id)  # failure ends it FAILED
         hydra_dir = output_dir / ".hydra"
         log_run_context(trainer.loggers, cfg, manifest, ingested, hydra_dir, resume_from)
-        for logger in mlflow_loggers(trainer.loggers):  # what resume= continues
-            (output_dir / RUN_ID_FILE).write_text(logger.run_id)
 
     checkpoint = resume_from and last_checkpoint(resume_from)
     if resume_from:
         log.info("Continuing from %s", checkpoint or "the start: no checkpoint was saved")
     trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
+    stop_if_signalled()  # Lightning leaves a signal in the last batch to its caller
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
@@ -64,6 +67,7 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
         if not best:
             log.warning("No best checkpoint was saved; testing the weights as they are now.")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        stop_if_signalled()
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
 
     if OmegaConf.select(cfg, "logger.mlflow.log_model", default=False):
@@ -77,6 +81,8 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
 @exits_on_user_error
 def main(cfg: DictConfig) -> float | None:
     # Hydra composed cfg and checked it (sem_cls.config.schema.ConfigCheck) before this runs.
+    from sem_cls.stopping import ends_recorded
+
     resume_from = None
     if cfg.get("resume") or cfg.get("reproduce"):
         from sem_cls.registry import read_checkpoint
@@ -87,9 +93,17 @@ def main(cfg: DictConfig) -> float | None:
         checkpoint = resume_from and last_checkpoint(resume_from)
         if checkpoint:
             read_checkpoint(checkpoint, option=f"resume={resume_from}: checkpoint")
-    metrics = train(cfg, resume_from)
+    with ends_recorded(cfg):  # a signal or error ends the MLflow run KILLED or FAILED
+        metrics = train(cfg, resume_from)
     return metrics.get(cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
+    if any(arg.startswith("resume=") for arg in sys.argv[1:]):
+        # resume=: Hydra's record and the log go to the run's own folder.
+        from sem_cls.resume import resume_hydra_overrides
+
+        sys.argv += exits_on_user_error(resume_hydra_overrides)(
+            Path(__file__).resolve().parent / "conf", "train", sys.argv[1:]
+        )
     run_command(main)

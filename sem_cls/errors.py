@@ -1,8 +1,10 @@
 """Errors a user can fix; the entry points print them without a traceback."""
 
+import errno
 import functools
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +23,25 @@ class DataNotFoundError(UserError):
 
 class PretrainedWeightsUnavailable(UserError):
     """Pretrained weights were asked for and cannot be loaded."""
+
+
+class OutOfSpace(UserError):
+    """A file could not be written for want of disk space."""
+
+    def __init__(self, path: Path, needed_bytes: int | None, option: str):
+        folder = next((p for p in [Path(path), *Path(path).parents] if p.is_dir()), Path("/"))
+        free = shutil.disk_usage(folder).free
+        needed = "more" if needed_bytes is None else f"about {needed_bytes / 1e6:.1f} MB"
+        super().__init__(
+            f"No space left for {path}: it needs {needed} and the disk of {folder} has "
+            f"{free / 1e6:.1f} MB free. Free some space there, or set {option} to a folder on a "
+            "disk with room."
+        )
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether `err` is a write that failed for want of disk space (ENOSPC, or a disk quota)."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 # Hydra's own "the command line names no such key, option or config": user errors too.

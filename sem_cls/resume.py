@@ -9,6 +9,7 @@ resumed run on CPU ends where an uninterrupted one would.
 import logging
 import os
 import random
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from lightning import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from sem_cls.errors import UserError
+from sem_cls.data.manifest import SplitManifest
+from sem_cls.errors import OutOfSpace, UserError, is_out_of_space
 from sem_cls.tracking import (
     ContinuingMLFlowLogger,  # noqa: F401 -- named by saved run configs
     find_run,
@@ -42,8 +44,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             super().save_checkpoint(checkpoint, partial, storage_options)
             os.replace(partial, path)
+        except OSError as err:
+            if is_out_of_space(err):  # the log folder's disk (or TMPDIR's, see above) is full
+                needed = sum(t.nbytes for t in _tensors(checkpoint))
+                raise OutOfSpace(path, needed, "paths.log_dir") from None
+            raise
         finally:
             partial.unlink(missing_ok=True)
+
+
+def _tensors(value):
+    """Every tensor in a checkpoint's nested dicts, lists and tuples: about its size on disk."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
 
 
 class RandomState(Callback):
@@ -138,3 +157,40 @@ def saved_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Pat
 def last_checkpoint(run_dir: Path) -> Path | None:
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     return checkpoint if checkpoint.is_file() else None
+
+
+def resume_hydra_overrides(config_dir: Path, config_name: str, overrides: list[str]) -> list[str]:
+    """Hydra overrides that put a resumed run's Hydra record and log into the run's own folder:
+    the log appended to `<task_name>.log`, this command line's config and overrides in
+    `.hydra/resumed_<time>/`, the run's original `.hydra/` left as it was. Empty without
+    resume=. Hydra chooses its output folder before train.py runs, hence the overrides."""
+    from hydra import compose, initialize_config_dir
+
+    if not any(o.startswith("resume=") for o in overrides):
+        return []
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    if not cfg.get("resume"):
+        return []
+    run_dir = saved_run_dir(
+        str(cfg.resume), OmegaConf.select(cfg, "logger.mlflow.tracking_uri"), "resume"
+    ).resolve()
+    task_name = OmegaConf.load(run_dir / ".hydra" / "config.yaml").get("task_name", "train")
+
+    def quoted(path: Path) -> str:  # a path with commas or spaces is one override value
+        return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return [
+        f"hydra.run.dir={quoted(run_dir)}",
+        f"hydra.output_subdir=.hydra/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S}",
+        f"hydra.job_logging.handlers.file.filename={quoted(run_dir / f'{task_name}.log')}",
+    ]
+
+
+def run_manifest(cfg: DictConfig, ingested, resume_from: Path | None) -> SplitManifest:
+    """The split to train on: a resumed run's own (its data/manifest.csv, images gone since
+    left out, images added since not used); otherwise data.manifest or a new split."""
+    saved = resume_from / "data" / "manifest.csv" if resume_from else None
+    if saved is not None and saved.is_file():
+        return SplitManifest.resumed(saved, ingested)
+    return SplitManifest.from_config(cfg.data, ingested)

@@ -247,7 +247,15 @@ def log_run_context(
     resumed_from: Path | None = None,
 ) -> None:
     """Config as params; git, package versions and split fingerprint as tags; .hydra/, manifest,
-    ingest report and installed packages as files (also kept in the run's output folder)."""
+    ingest report and installed packages as files (also kept in the run's output folder).
+
+    A resumed run (`resumed_from`) is the same run: it gets the tag `resumed_from` and nothing
+    else, so its split fingerprint, manifest and the record of how it started stay as they were.
+    """
+    if resumed_from is not None:
+        for logger in mlflow_loggers(loggers):
+            logger.experiment.set_tag(logger.run_id, "resumed_from", str(resumed_from))
+        return
     data_files = write_data_files(Path(cfg.paths.output_dir) / "data", manifest, ingested)
     environment = write_environment(Path(cfg.paths.output_dir) / "environment")
     tags = {
@@ -259,10 +267,7 @@ def log_run_context(
     }
     for logger in mlflow_loggers(loggers):
         mark_model_training(logger)
-        if resumed_from is None:  # a continued run has its params; MLflow refuses new values
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        else:
-            logger.experiment.set_tag(logger.run_id, "resumed_from", str(resumed_from))
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
         if hydra_dir.is_dir():  # absent when composed outside a Hydra run, as in tests
@@ -321,6 +326,35 @@ class ContinuingMLFlowLogger(MLFlowLogger):
         fresh = {k: v for k, v in metrics.items() if (step or 0) not in recorded.get(k, ())}
         if fresh:
             super().log_metrics(fresh, step)
+
+
+def run_status(tracking_uri: str, run_id: str) -> str | None:
+    """The status of an MLflow run (RUNNING, FINISHED, FAILED, KILLED), None if unreadable."""
+    import mlflow
+
+    try:
+        return tracking_client(tracking_uri).get_run(run_id).info.status
+    except (OSError, mlflow.exceptions.MlflowException):
+        return None
+
+
+def end_run(tracking_uri: str, run_id: str, status: str, status_before: str | None = None) -> None:
+    """End an MLflow run that did not finish: FAILED where it is still RUNNING; KILLED where it
+    is RUNNING or was marked otherwise since `status_before` (FAILED by Lightning's exception
+    handling, FINISHED by its SLURM requeue handler), not a finished run that a stopped resume
+    never reopened. No run stays RUNNING after its process is gone. Called while a run is
+    failing, so a store that cannot be written (full disk) is named in the log, not raised."""
+    import mlflow
+
+    try:
+        client = tracking_client(tracking_uri)
+        current = client.get_run(run_id).info.status
+        if current == "RUNNING" or (status == "KILLED" and current != status_before):
+            client.set_terminated(run_id, status)
+    except (OSError, mlflow.exceptions.MlflowException) as err:
+        log.error(
+            "MLflow run %s in %s could not be marked %s: %s", run_id, tracking_uri, status, err
+        )
 
 
 def find_run(run_id: str, tracking_uri: str):

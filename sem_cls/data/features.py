@@ -11,11 +11,13 @@ discarded with a warning and extracted again, never trained on. Under DDP each r
 every world_size-th image into a shard of its own, and rank 0 merges the shards into the entry.
 """
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import socket
 import weakref
 from pathlib import Path
@@ -27,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from sem_cls.data.workers import worker_init_fn
-from sem_cls.errors import UserError
+from sem_cls.errors import OutOfSpace, UserError, is_out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,23 @@ def _commit(partial: Path, entry: Path) -> None:
     partial.with_suffix(".json").write_text(json.dumps(recorded))
     os.replace(partial.with_suffix(".json"), _sidecar(entry))
     os.replace(partial, entry)  # atomic: readers see no entry or a complete one
+
+
+def _open_allocated(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A new float32 .npy of `shape` at `path`, memory-mapped, with its disk space allocated at
+    once: a mapped file is sparse, and writing a page the disk has no room for kills the process
+    with SIGBUS, without a message, after all the work of extracting up to it."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem that can
+                raise
+            if shutil.disk_usage(path.parent).free < size:  # only check
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+    return out
 
 
 def _problem(entry: Path, shape: tuple[int, int]) -> str:
@@ -217,22 +236,43 @@ class FeatureCache:
             log.info("Feature cache hit: %s", entry)
             return np.load(entry, mmap_mode="r", allow_pickle=False)
 
-        log.info("Feature cache miss: extracting %d images into %s", len(dataset), entry)
         try:
             entry_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            if is_out_of_space(err):
+                raise OutOfSpace(entry, 4 * shape[0] * shape[1], "paths.cache_dir") from None
+            if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise _unrepairable(entry_dir, err) from None  # a file where a folder should be
+        if not os.access(entry_dir, os.W_OK) and not distributed:
+            # A shared read-only cache: its entries are read, what it lacks is not kept.
+            log.warning(
+                "Feature cache %s cannot be written (read-only or not yours): the features of "
+                "%d images are extracted into memory for this run only. Set paths.cache_dir to "
+                "a folder you can write to keep them.",
+                self.cache_dir, len(dataset),
+            )  # fmt: skip
+            out = np.empty(shape, dtype=np.float32)
+            extract_features(engine, dataset, batch_size, num_workers, out)
+            return out
+        log.info("Feature cache miss: extracting %d images into %s", len(dataset), entry)
+        try:
             _remove_stale_partials(entry_dir)
-        except OSError as err:  # a file where a folder should be, no permission
+        except OSError as err:  # no permission
             raise _unrepairable(entry_dir, err) from None
         if distributed:
             args = (engine, dataset, batch_size, num_workers)
             return self._extract_sharded(entry, *args, strategy)
         partial = _partial_name(entry, os.getpid(), socket.gethostname())
         try:
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+            out = _open_allocated(partial, shape)
             extract_features(engine, dataset, batch_size, num_workers, out)
             out.flush()
             del out
             _commit(partial, entry)
+        except OSError as err:
+            if is_out_of_space(err):
+                raise OutOfSpace(entry, 4 * shape[0] * shape[1], "paths.cache_dir") from None
+            raise
         finally:
             partial.unlink(missing_ok=True)
             partial.with_suffix(".json").unlink(missing_ok=True)
@@ -264,9 +304,7 @@ class FeatureCache:
         num_features = engine.num_features
         rows = range(rank, len(dataset), world)
         try:
-            out = np.lib.format.open_memmap(
-                shard, mode="w+", dtype=np.float32, shape=(len(rows), num_features)
-            )
+            out = _open_allocated(shard, (len(rows), num_features))
             extract_features(engine, Subset(dataset, rows), batch_size, num_workers, out)
             out.flush()
             del out
@@ -278,15 +316,18 @@ class FeatureCache:
                         f"Feature shards of other ranks are not visible here: {missing}. Put "
                         "data.cache_dir on a filesystem that every node shares."
                     )
-                merged = np.lib.format.open_memmap(
-                    partial, mode="w+", dtype=np.float32, shape=(len(dataset), num_features)
-                )
+                merged = _open_allocated(partial, (len(dataset), num_features))
                 for r, path in enumerate(shards):
                     merged[r::world] = np.load(path, mmap_mode="r")  # rows r, r + world, ...
                 merged.flush()
                 del merged
                 _commit(partial, entry)
             strategy.barrier("feature cache entry merged")
+        except OSError as err:
+            if is_out_of_space(err):
+                needed = 4 * len(dataset) * num_features
+                raise OutOfSpace(entry, needed, "paths.cache_dir") from None
+            raise
         finally:
             shard.unlink(missing_ok=True)
             partial.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ reported, and left out unless `label_conflicts` says to keep them or to refuse t
 The command line, `python -m sem_cls.ingest`, is in sem_cls/ingest.py.
 """
 
+import contextlib
 import csv
 import errno
 import hashlib
@@ -212,13 +213,22 @@ def _read_cache(path: Path | None) -> dict[str, dict]:
 
 
 def _write_cache(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".partial-{os.getpid()}")
-    with partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(record for record in records if not record.get(RETRY))
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(record for record in records if not record.get(RETRY))
+        os.replace(partial, path)
+    except OSError as err:  # a shared read-only cache, a full disk: the ingest itself is done
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        log.warning(
+            "Ingest cache %s cannot be written (%s); the run goes on, and the next ingest "
+            "checks every file again. Set paths.cache_dir to a folder you can write to keep it.",
+            path, err.strerror or err,
+        )  # fmt: skip
 
 
 def _typed(record: dict) -> dict:

@@ -148,6 +148,45 @@ class SplitManifest:
         return cls(ingested.root, rows)._logged()
 
     @classmethod
+    def resumed(cls, path: Path, ingested: Ingest) -> "SplitManifest":
+        """The split a run was started with (its manifest.csv at `path`), for continuing it: an
+        image removed or changed since is left out and named in the log; an image added since is
+        not used (a resumed run is the same run; a new run splits the folder as it is now)."""
+        rows = read_manifest(path)
+        current = {r["path"]: r["sha256"] for r in ingested.images}
+        kept = [row for row in rows if current.get(row["path"]) == row["sha256"]]
+        gone = [row["path"] for row in rows if row["path"] not in current]
+        changed = [
+            row["path"] for row in rows if current.get(row["path"], row["sha256"]) != row["sha256"]
+        ]
+        if gone or changed:
+            log.warning(
+                "%d images of the run's split are gone from %s and %d have changed since it "
+                "started; the run continues without them: %s",
+                len(gone), ingested.root, len(changed), ", ".join(gone + changed),
+            )  # fmt: skip
+        added = len(set(current) - {row["path"] for row in rows})
+        if added:
+            log.warning(
+                "%d images were added to %s since the run started; a resumed run keeps its split "
+                "and does not use them. A new run (without resume=) splits the folder as it is "
+                "now.",
+                added, ingested.root,
+            )  # fmt: skip
+        names = sorted({row["class"] for row in rows})
+        for name in names:
+            empty = [
+                s for s in SPLITS if not any(r["class"] == name and r["split"] == s for r in kept)
+            ]
+            if empty:
+                raise UserError(
+                    f"The run's split in {path} has no images of class {name!r} left in "
+                    f"{', '.join(empty)}: images were removed from {ingested.root} since the run "
+                    "started. Put them back to resume it, or start a new run without resume=."
+                )
+        return cls(ingested.root, kept)._logged()
+
+    @classmethod
     def from_config(cls, data, ingested: Ingest) -> "SplitManifest":
         """`data.manifest` read and checked, or a new split as the `data` config says."""
         if len(ingested.class_names) < 2:

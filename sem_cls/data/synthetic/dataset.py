@@ -4,6 +4,7 @@ tells a complete set of this generator's from anything else (which is never repl
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -16,7 +17,7 @@ import numpy as np
 
 from sem_cls.data.synthetic.instrument import render_image
 from sem_cls.data.synthetic.renderers import CLASSES
-from sem_cls.errors import UserError
+from sem_cls.errors import OutOfSpace, UserError, is_out_of_space
 
 MARKER_NAME = ".sem_cls_synthetic.json"
 DESCRIPTION = "Write the built-in SEM-like dataset: the 10 NFFA-Europe classes in the NFFA layout."
@@ -211,9 +212,17 @@ def generate_dataset(
         return root
     _refuse_foreign(root)
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # mkdtemp makes a new folder, so the staging area is never one that was already there.
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        # mkdtemp makes a new folder, so the staging area is never one that was already there.
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise UserError(
+            f"The SEM-like set cannot be written to {root}: {err.strerror} ({err.filename}). Set "
+            "data.data_dir to a folder you can write, e.g. data.data_dir=$HOME/sem-demo."
+        ) from None
     for class_name in CLASSES:
         (staging / class_name).mkdir(parents=True)
     bars = [info_bar_kind(seed, i, info_bar_share) for i in range(images_per_class)]
@@ -236,6 +245,11 @@ def generate_dataset(
             files[class_name].append({"name": name, "info_bar": bar})
         (staging / MARKER_NAME).write_text(json.dumps({"params": params, "files": files}, indent=1))
         _swap_in(root, staging)
+    except OSError as err:
+        if not is_out_of_space(err):
+            raise
+        needed = images_per_class * len(CLASSES) * size[0] * size[1] // 8  # JPEG, about 1:8
+        raise OutOfSpace(root, needed, "data.data_dir") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
