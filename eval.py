@@ -20,15 +20,16 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
 from sem_cls.data.ingest import ingest_folder  # noqa: E402
-from sem_cls.data.manifest import SplitManifest, labelled_samples  # noqa: E402
+from sem_cls.data.manifest import labelled_samples  # noqa: E402
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error  # noqa: E402
 from sem_cls.evaluation.saliency import write_saliency  # noqa: E402
+from sem_cls.models.classifier import SEMClassifier  # noqa: E402
 from sem_cls.registry import (  # noqa: E402
     is_model_uri,
     load_checkpoint,  # noqa: F401 -- where callers of eval.load_checkpoint find it
     load_model,
 )
-from sem_cls.runner import build_trainer  # noqa: E402
+from sem_cls.runner import build_datamodule, build_trainer, split_data  # noqa: E402
 from sem_cls.tracking import (  # noqa: E402
     log_artifacts,
     mark_model_training,
@@ -52,15 +53,11 @@ def external_folders(folders: list[str]) -> dict[str, Path]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    batch_size = cfg.data.batch_size
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise UserError(f"data.batch_size={batch_size} must be a whole number of 1 or more.")
     L.seed_everything(cfg.seed, workers=True)
     # A .ckpt file, or an MLflow model (models:/<name>@<alias>, runs:/<run id>/model).
     tracking_uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
-    model, checkpoint, _ = load_model(cfg.ckpt_path, tracking_uri, tta=bool(cfg.get("tta")))
-    ingested = ingest_folder(cfg.data)
-    manifest = SplitManifest.from_config(cfg.data, ingested)
+    model, checkpoint, _ = load_model(cfg.ckpt_path, tracking_uri)
+    _, manifest = split_data(cfg.data)
     if manifest.class_names != model.class_names:
         raise UserError(
             f"The checkpoint knows classes {model.class_names}, but {manifest.root} holds "
@@ -83,9 +80,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         seen = {row["sha256"] for row in manifest.rows} & {s.sha256 for s in samples}
         if seen:
             log.warning("%d images of %s are also in %s.", len(seen), name, manifest.root)
+    tta = bool(cfg.get("tta"))
     # One test pass per named set: "test", then "external/<name>" for each folder.
-    datamodule = SEMDataModule.from_config(manifest, cfg.data, test_sets=externals)
-    datamodule.attach_model(model)
+    datamodule = build_datamodule(manifest, cfg.data, model, tta, test_sets=externals)
+    classifier = SEMClassifier(model, tta=tta)
     trainer = build_trainer(cfg)
     source = cfg.ckpt_path if is_model_uri(cfg.ckpt_path) else str(Path(cfg.ckpt_path).resolve())
     tags = {"ckpt_path": source, "data_dir": str(manifest.root)}
@@ -94,7 +92,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     set_tags(trainer.loggers, tags)
     for logger in mlflow_loggers(trainer.loggers):
         mark_model_training(logger)
-    trainer.test(model, datamodule=datamodule)
+    trainer.test(classifier, datamodule)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if OmegaConf.select(cfg, "saliency.images") and trainer.is_global_zero:  # once, not per rank
         saliency = write_saliency(

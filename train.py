@@ -19,9 +19,6 @@ import lightning as L  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
-from sem_cls.data.ingest import ingest_folder  # noqa: E402
-from sem_cls.data.manifest import SplitManifest  # noqa: E402
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error  # noqa: E402
 from sem_cls.registry import log_best_model, read_checkpoint  # noqa: E402
 from sem_cls.resume import RUN_ID_FILE, last_checkpoint, saved_config  # noqa: E402
@@ -48,14 +45,23 @@ def check_config(cfg: DictConfig, resume_from: Path | None = None) -> None:
 def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     """Fit and test as `cfg` says, continuing the run in `resume_from` if given; return the
     logged metrics."""
+    from sem_cls.models.confidence import FitConfidence
+    from sem_cls.runner import build_datamodule, split_data, train_class_counts
+
     check_config(cfg, resume_from)
     L.seed_everything(cfg.seed, workers=True)
-    ingested = ingest_folder(cfg.data)  # every file checked once (cached); bad ones left out
-    manifest = SplitManifest.from_config(cfg.data, ingested)  # data.manifest, or a new split
-    datamodule = SEMDataModule.from_config(manifest, cfg.data)
-    model = hydra.utils.instantiate(cfg.model, class_names=manifest.class_names, _convert_="all")
-    datamodule.attach_model(model)
-    trainer = build_trainer(cfg)
+    ingested, manifest = split_data(cfg.data)
+    # The model config's keys, and what only the data knows (sem_cls.models.build).
+    classifier = hydra.utils.instantiate(
+        cfg.model,
+        class_names=manifest.class_names,
+        train_counts=train_class_counts(manifest),
+        info_bar=cfg.data.info_bar,
+        _convert_="all",
+    )
+    datamodule = build_datamodule(manifest, cfg.data, classifier.model)
+    # Temperature every validation epoch; novelty references and threshold at the start.
+    trainer = build_trainer(cfg, callbacks=[FitConfidence()])
     output_dir = Path(cfg.paths.output_dir)
     # Under DDP every rank runs this script; the run's files and MLflow records are rank 0's.
     if trainer.is_global_zero:
@@ -67,19 +73,19 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     checkpoint = resume_from and last_checkpoint(resume_from)
     if resume_from:
         log.info("Continuing from %s", checkpoint or "the start: no checkpoint was saved")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
+    trainer.fit(classifier, datamodule, ckpt_path=checkpoint or None, weights_only=True)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("No best checkpoint was saved; testing the weights as they are now.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        trainer.test(classifier, datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
 
     if OmegaConf.select(cfg, "logger.mlflow.log_model", default=False):
         # runs:/<id>/model, and models:/<name>@<alias> with registry.name
-        log_best_model(trainer, datamodule, cfg.data.info_bar, cfg.get("registry"))
+        log_best_model(trainer, datamodule, cfg.get("registry"))
     print_summary(trainer.loggers, {k: v for k, v in metrics.items() if "/" in k}, cfg)
     return metrics
 

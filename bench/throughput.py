@@ -21,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
-from sem_cls.data.engines import TorchEngine, create_engine, native_bf16  # noqa: E402
 from sem_cls.data.features import extract_features  # noqa: E402
 from sem_cls.data.ingest import ingest  # noqa: E402
 from sem_cls.data.manifest import SplitManifest  # noqa: E402
 from sem_cls.data.synthetic import generate_dataset  # noqa: E402
 from sem_cls.models.classifier import SEMClassifier  # noqa: E402
+from sem_cls.models.engines import TorchEngine, create_engine, native_bf16  # noqa: E402
 
 
 class PlainModel:

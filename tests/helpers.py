@@ -148,7 +148,7 @@ def tiny_backbone(seed=0):
 
 def cached(cache, backbone, preprocessing="p", digests=("a", "b", "c", "d", "e", "f"), **kw):
     """FeatureCache.features of an `Images(**kw)` set (looked up when called), batches of 2."""
-    from sem_cls.data.engines import TorchEngine
+    from sem_cls.models.engines import TorchEngine
 
     engine = TorchEngine(backbone, bf16=False)
     return cache.features(engine, {"resize": preprocessing}, Images(**kw), list(digests), 2, 0)

@@ -12,12 +12,12 @@ import timm
 import torch
 from torch.nn.functional import cosine_similarity
 
-from sem_cls.data import engines
 from sem_cls.data.datamodule import SEMDataModule
-from sem_cls.data.engines import OpenVINOEngine, TorchEngine, create_engine
 from sem_cls.data.features import FeatureCache
 from sem_cls.errors import UserError
+from sem_cls.models import engines
 from sem_cls.models.classifier import SEMClassifier
+from sem_cls.models.engines import OpenVINOEngine, TorchEngine, create_engine
 from sem_cls.models.inference import classify_files
 from sem_cls.predict import image_files
 from tests.helpers import ROOT, best_checkpoint, compose_config, run_predict, split_manifest
@@ -127,7 +127,7 @@ def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatc
 ENGINES_THEN_A_SIGNAL = textwrap.dedent(
     """
     import gc, os, signal, timm
-    from sem_cls.data.engines import create_engine
+    from sem_cls.models.engines import create_engine
     made = [
         create_engine("openvino", timm.create_model("resnet10t", num_classes=0), (3, 32, 32), False)
         for _ in range(2)

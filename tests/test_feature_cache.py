@@ -20,10 +20,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from sem_cls.data.datamodule import SEMDataModule
-from sem_cls.data.engines import TorchEngine, native_bf16
 from sem_cls.data.features import FeatureCache
 from sem_cls.errors import UserError
 from sem_cls.models.classifier import SEMClassifier
+from sem_cls.models.engines import TorchEngine, native_bf16
 from tests.helpers import LITE0, ROOT, Images, cached, split_manifest, tiny_backbone
 
 
