@@ -10,7 +10,7 @@ from lightning import Trainer
 from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.ingest import ingest_folder
 from sem_cls.data.manifest import SplitManifest
-from sem_cls.runner import instantiate_group
+from sem_cls.runner import build_datamodule, instantiate_group
 from tests.helpers import ROOT, compose_config
 
 
@@ -36,7 +36,8 @@ def options(group: str) -> list[str]:
 def test_train_config_composes_and_instantiates(overrides, tmp_path, shared_mlruns):
     # One MLflow database for all: creating its tables costs seconds.
     cfg = compose_config("train", tmp_path, [*overrides, f"paths.mlruns_dir={shared_mlruns}"])
-    SEMDataModule.from_config(SplitManifest(Path(cfg.data.data_dir), []), cfg.data)
+    data_config = {"input_size": (3, 224, 224)}
+    SEMDataModule.from_config(SplitManifest(Path(cfg.data.data_dir), []), cfg.data, data_config)
     instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
@@ -53,7 +54,7 @@ def test_model_configs_instantiate(model, tmp_path):
     classifier = hydra.utils.instantiate(
         cfg.model, class_names=["a", "b", "c"], pretrained=pretrained, _convert_="all"
     )
-    logits = classifier(torch.zeros(2, *classifier.data_config["input_size"]))
+    logits = classifier(torch.zeros(2, *classifier.model.data_config["input_size"]))
     assert logits.shape == (2, 3)
 
 
@@ -63,19 +64,19 @@ def test_default_training_fits_the_head_on_cached_features(tiny_sem_dir, tmp_pat
     backbone = ["model.backbone=test_efficientnet", "model.pretrained=false"]
     cfg = compose_config("train", tmp_path, [*overrides, *backbone])
     manifest = SplitManifest.from_config(cfg.data, ingest_folder(cfg.data))
-    datamodule = SEMDataModule.from_config(manifest, cfg.data)
     model = hydra.utils.instantiate(cfg.model, class_names=manifest.class_names, _convert_="all")
-    datamodule.attach_model(model)
+    datamodule = build_datamodule(manifest, cfg.data, model.model)
     datamodule.setup("fit")
     features = next(iter(datamodule.train_dataloader()))["features"]
     # Frozen, without augmentation: the backbone's features are extracted once, into the cache.
-    assert features.shape[1:] == (model.backbone.num_features,)
+    assert features.shape[1:] == (model.model.backbone.num_features,)
     assert list((tmp_path / "cache").rglob("*.npy"))
 
 
 def test_eval_config_composes(tmp_path):
     cfg = compose_config("eval", tmp_path, ["ckpt_path=some.ckpt", "data=synthetic"])
-    SEMDataModule.from_config(SplitManifest(Path(cfg.data.data_dir), []), cfg.data)
+    data_config = {"input_size": (3, 224, 224)}
+    SEMDataModule.from_config(SplitManifest(Path(cfg.data.data_dir), []), cfg.data, data_config)
 
 
 @pytest.mark.parametrize(
@@ -86,13 +87,13 @@ def test_fine_tuning_recipes_build_and_take_a_training_step(experiment, tmp_path
     classifier = hydra.utils.instantiate(
         cfg.model, class_names=["a", "b", "c", "d"], pretrained=False, _convert_="all"
     )
-    assert not classifier.frozen, "a fine-tuning recipe must let the backbone learn"
+    assert not classifier.model.frozen, "a fine-tuning recipe must let the backbone learn"
     classifier.trainer = Trainer(max_epochs=cfg.trainer.max_epochs, logger=False)
     optimizer = classifier.configure_optimizers()["optimizer"]
     classifier.train()
-    size = classifier.data_config["input_size"]
+    size = classifier.model.data_config["input_size"]
     batch = {"image": torch.randn(4, *size), "label": torch.tensor([0, 1, 2, 3])}
-    loss, logits, _ = classifier._step(batch, training=True)
+    loss = classifier.training_step(batch, 0)
     loss.backward()
     optimizer.step()
-    assert logits.shape == (4, 4) and torch.isfinite(loss)
+    assert torch.isfinite(loss)

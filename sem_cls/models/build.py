@@ -112,6 +112,8 @@ def build_classifier(
         if train_counts is None:
             raise ValueError("class_weighting=balanced needs the training split's class counts.")
         weights = balanced_class_weights(train_counts)
+    elif class_weighting != "none":  # the config schema admits none | balanced only
+        raise ValueError(f"class_weighting={class_weighting!r} is not 'none' or 'balanced'.")
     aux_head = nn.Linear(AUX_FEATURES, len(class_names)) if aux_logits else None
     return SEMClassifier(
         model,
