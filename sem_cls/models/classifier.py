@@ -132,7 +132,8 @@ class SEMClassifier(LightningModule):
             loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(self.aux_head(aux), learned)
         self.train_acc(logits, targets)
         log = {"on_step": False, "on_epoch": True, "prog_bar": True, "batch_size": len(targets)}
-        self.log("train/loss", loss, **log)
+        # The epoch's mean over every rank's batches (the accuracy metric syncs itself).
+        self.log("train/loss", loss, sync_dist=True, **log)
         self.log("train/acc", self.train_acc, **log)
         return loss
 
