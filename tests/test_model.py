@@ -155,3 +155,29 @@ def test_balanced_class_weighting_weighs_the_training_loss_by_inverse_frequency(
     assert not torch.isclose(loss, plain), "the weights and the smoothing change the loss"
     # Evaluation passes are scored on plain logits (SplitScores), unweighted.
     assert torch.equal(model.validation_step(batch, 0)["logits"], logits)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "options"),
+    [("resnet18", dict(freeze=1)), ("inception_v3", dict(freeze="none", aux_logits=True))],
+)
+def test_a_checkpoint_rebuilds_the_model_it_holds(backbone, options, tmp_path):
+    from sem_cls.models.build import model_from_checkpoint
+
+    classifier = build_classifier(["a", "b", "c"], backbone=backbone, pretrained=False, **options)
+    model = classifier.model.eval()
+    model.temperature.fill_(0.5)
+    model.novelty_references = torch.randn(4, model.backbone.num_features).half()
+    model.novelty_threshold.fill_(0.3)
+    checkpoint = {"state_dict": classifier.state_dict()}
+    classifier.on_save_checkpoint(checkpoint)  # as Lightning's ModelCheckpoint saves it
+    torch.save(checkpoint, tmp_path / "epoch_000.ckpt")
+
+    saved = torch.load(tmp_path / "epoch_000.ckpt", weights_only=True)
+    assert saved["sem_model"]["class_names"] == ["a", "b", "c"]
+    loaded = model_from_checkpoint(saved)  # frozen BatchNorms and the aux branch rebuilt alike
+    images = torch.randn(2, *model.data_config["input_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    assert float(loaded.temperature) == 0.5 and loaded.has_novelty
+    assert torch.equal(loaded.novelty_references, model.novelty_references)
