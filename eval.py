@@ -40,10 +40,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     from sem_cls.data.datamodule import SEMDataModule
     from sem_cls.data.ingest import ingest_folder
-    from sem_cls.data.manifest import SplitManifest, labelled_samples
+    from sem_cls.data.manifest import labelled_samples
     from sem_cls.evaluation.saliency import write_saliency
+    from sem_cls.models.classifier import SEMClassifier
     from sem_cls.registry import is_model_uri, load_model
-    from sem_cls.runner import build_trainer
+    from sem_cls.runner import build_datamodule, build_trainer, split_data
     from sem_cls.tracking import (
         log_artifacts,
         mark_model_training,
@@ -55,9 +56,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     # A .ckpt file, or an MLflow model (models:/<name>@<alias>, runs:/<run id>/model).
     tracking_uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri")
-    model, checkpoint, _ = load_model(cfg.ckpt_path, tracking_uri, tta=bool(cfg.get("tta")))
-    ingested = ingest_folder(cfg.data)
-    manifest = SplitManifest.from_config(cfg.data, ingested)
+    model, checkpoint, _ = load_model(cfg.ckpt_path, tracking_uri)
+    _, manifest = split_data(cfg.data)
     if manifest.class_names != model.class_names:
         raise UserError(
             f"The checkpoint knows classes {model.class_names}, but {manifest.root} holds "
@@ -80,9 +80,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         seen = {row["sha256"] for row in manifest.rows} & {s.sha256 for s in samples}
         if seen:
             log.warning("%d images of %s are also in %s.", len(seen), name, manifest.root)
+    tta = bool(cfg.get("tta"))
     # One test pass per named set: "test", then "external/<name>" for each folder.
-    datamodule = SEMDataModule.from_config(manifest, cfg.data, test_sets=externals)
-    datamodule.attach_model(model)
+    datamodule = build_datamodule(manifest, cfg.data, model, tta, test_sets=externals)
+    classifier = SEMClassifier(model, tta=tta)
     trainer = build_trainer(cfg)
     source = cfg.ckpt_path if is_model_uri(cfg.ckpt_path) else str(Path(cfg.ckpt_path).resolve())
     tags = {"ckpt_path": source, "data_dir": str(manifest.root)}
@@ -91,7 +92,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     set_tags(trainer.loggers, tags)
     for logger in mlflow_loggers(trainer.loggers):
         mark_model_training(logger)
-    trainer.test(model, datamodule=datamodule)
+    trainer.test(classifier, datamodule)
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if OmegaConf.select(cfg, "saliency.images") and trainer.is_global_zero:  # once, not per rank
         saliency = write_saliency(

@@ -31,21 +31,28 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     logged metrics."""
     import lightning as L
 
-    from sem_cls.data.datamodule import SEMDataModule
-    from sem_cls.data.ingest import ingest_folder
+    from sem_cls.models.confidence import FitConfidence
     from sem_cls.registry import log_best_model
-    from sem_cls.resume import RUN_ID_FILE, last_checkpoint, run_manifest
-    from sem_cls.runner import build_trainer
+    from sem_cls.resume import RUN_ID_FILE, last_checkpoint
+    from sem_cls.runner import build_datamodule, build_trainer, split_data, train_class_counts
     from sem_cls.stopping import stop_if_signalled
     from sem_cls.tracking import log_run_context, mlflow_loggers, print_summary
 
     L.seed_everything(cfg.seed, workers=True)
-    ingested = ingest_folder(cfg.data)  # every file checked once (cached); bad ones left out
-    manifest = run_manifest(cfg, ingested, resume_from)  # the run's own, data.manifest or new
-    datamodule = SEMDataModule.from_config(manifest, cfg.data)
-    model = hydra.utils.instantiate(cfg.model, class_names=manifest.class_names, _convert_="all")
-    datamodule.attach_model(model)
-    trainer = build_trainer(cfg)
+    # Every file checked once (cached; bad ones left out), and the split: a resumed run's own,
+    # data.manifest, or a new one.
+    ingested, manifest = split_data(cfg.data, resume_from)
+    # The model config's keys, and what only the data knows (sem_cls.models.build).
+    classifier = hydra.utils.instantiate(
+        cfg.model,
+        class_names=manifest.class_names,
+        train_counts=train_class_counts(manifest),
+        info_bar=cfg.data.info_bar,
+        _convert_="all",
+    )
+    datamodule = build_datamodule(manifest, cfg.data, classifier.model)
+    # Temperature every validation epoch; novelty references and threshold at the start.
+    trainer = build_trainer(cfg, callbacks=[FitConfidence()])
     output_dir = Path(cfg.paths.output_dir)
     # Under DDP every rank runs this script; the run's files and MLflow records are rank 0's.
     if trainer.is_global_zero:
@@ -58,7 +65,7 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
     checkpoint = resume_from and last_checkpoint(resume_from)
     if resume_from:
         log.info("Continuing from %s", checkpoint or "the start: no checkpoint was saved")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint or None, weights_only=True)
+    trainer.fit(classifier, datamodule, ckpt_path=checkpoint or None, weights_only=True)
     stop_if_signalled()  # Lightning leaves a signal in the last batch to its caller
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
@@ -66,13 +73,13 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("No best checkpoint was saved; testing the weights as they are now.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        trainer.test(classifier, datamodule, ckpt_path=best or None, weights_only=True)
         stop_if_signalled()
         metrics.update({name: float(value) for name, value in trainer.callback_metrics.items()})
 
     if OmegaConf.select(cfg, "logger.mlflow.log_model", default=False):
         # runs:/<id>/model, and models:/<name>@<alias> with registry.name
-        log_best_model(trainer, datamodule, cfg.data.info_bar, cfg.get("registry"))
+        log_best_model(trainer, datamodule, cfg.get("registry"))
     print_summary(trainer.loggers, {k: v for k, v in metrics.items() if "/" in k}, cfg)
     return metrics
 

@@ -21,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
-from sem_cls.data.engines import TorchEngine, create_engine, native_bf16  # noqa: E402
 from sem_cls.data.features import extract_features  # noqa: E402
 from sem_cls.data.ingest import ingest  # noqa: E402
 from sem_cls.data.manifest import SplitManifest  # noqa: E402
 from sem_cls.data.synthetic import generate_dataset  # noqa: E402
-from sem_cls.models.classifier import SEMClassifier  # noqa: E402
+from sem_cls.models.build import build_model  # noqa: E402
+from sem_cls.models.engines import TorchEngine, create_engine, native_bf16  # noqa: E402
 
 
 class PlainModel:
@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
 
     # The project's frozen model, as train.py builds it.
-    model = SEMClassifier([str(i) for i in range(10)], backbone=args.backbone, pretrained=False)
+    model, _ = build_model([str(i) for i in range(10)], backbone=args.backbone, pretrained=False)
     input_size = tuple(model.data_config["input_size"])
     plain = timm.create_model(args.backbone, pretrained=False, num_classes=0).eval()
     plain = plain.to(memory_format=torch.channels_last)
@@ -89,8 +89,7 @@ def main() -> None:
         data_dir = Path(tmp) / "synthetic"
         generate_dataset(data_dir, images_per_class=max(1, args.images // 10))
         manifest = SplitManifest.build(ingest(data_dir), ratios=(0.8, 0.1, 0.1))
-        datamodule = SEMDataModule(manifest, cache_features=False)
-        datamodule.attach_model(model)
+        datamodule = SEMDataModule(manifest, model.data_config)
         datamodule.setup()
         samples = [sample for split in datamodule.samples.values() for sample in split]
         dataset = datamodule.image_dataset(samples)

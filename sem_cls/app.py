@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sem_cls.data.engines import create_engine
 from sem_cls.data.images import IMAGE_SUFFIXES
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error
 from sem_cls.evaluation.saliency import as_seen, grad_cam, overlay
+from sem_cls.models.engines import create_engine
 from sem_cls.models.inference import (
     ImagesToClassify,
     classify_files,
@@ -80,15 +80,14 @@ class DemoClassifier:
         )
         self.model = model.to(device).eval()
         engine = cfg.get("engine") or recorded.get("engine", "torch")
+        self.engine = None  # torch
         if engine != "torch":
-            self.model.use_engine(
-                create_engine(
-                    engine,
-                    self.model.backbone,
-                    tuple(model.data_config["input_size"]),
-                    self.bf16,
-                    Path(cfg.paths.cache_dir) / "engines",
-                )
+            self.engine = create_engine(
+                engine,
+                self.model.backbone,
+                tuple(model.data_config["input_size"]),
+                self.bf16,
+                Path(cfg.paths.cache_dir) / "engines",
             )
 
     def classify(self, files: list[Path]) -> list[Row]:
@@ -104,6 +103,7 @@ class DemoClassifier:
             num_workers=0,  # a handful of files per request; workers would cost more than they save
             bf16=self.bf16,
             progress=False,
+            engine=self.engine,
         )
         unknown = unknown_images(self.model, novelty)
         decisions = decide(probs, names, self.min_confidence, unknown)

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sem_cls.data.engines import create_engine
 from sem_cls.data.images import is_image_file, walk_files
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error
 from sem_cls.evaluation.scores import top_k
+from sem_cls.models.engines import create_engine
 from sem_cls.models.inference import UNCERTAIN, UNKNOWN, classify_files, decide, unknown_images
 from sem_cls.registry import load_model
 
@@ -133,14 +133,12 @@ def predict(cfg) -> Path:
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     engine = cfg.get("engine") or recorded.get("engine", "torch")
     if engine != "torch":
-        model.use_engine(
-            create_engine(
-                engine,
-                model.backbone.to(device),
-                tuple(model.data_config["input_size"]),
-                bf16,
-                Path(cfg.paths.cache_dir) / "engines",
-            )
+        engine = create_engine(
+            engine,
+            model.backbone.to(device),
+            tuple(model.data_config["input_size"]),
+            bf16,
+            Path(cfg.paths.cache_dir) / "engines",
         )
     probs, errors, novelty = classify_files(
         model.to(device),
@@ -150,6 +148,7 @@ def predict(cfg) -> Path:
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         bf16=bf16,
+        engine=None if engine == "torch" else engine,
     )
     unknown = unknown_images(model, novelty, cfg.get("novelty", True))
     if not cfg.get("novelty", True):

@@ -2,7 +2,7 @@
 URI, and log a training run's best checkpoint as an MLflow model, registered if asked.
 
 The MLflow model is a pyfunc whose data is the checkpoint file itself, and this module is its
-loader: torch.load(weights_only=True) rebuilds SEMClassifier, so nothing is unpickled and no
+loader: torch.load(weights_only=True) rebuilds the SEMModel, so nothing is unpickled and no
 code travels with the model (the project must be importable where the model is loaded).
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sem_cls.data.engines import create_engine
-from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.errors import UserError
-from sem_cls.models.classifier import SEMClassifier
+from sem_cls.models.build import model_from_checkpoint
+from sem_cls.models.engines import create_engine
 from sem_cls.models.inference import classify_files, decide, unknown_images
+from sem_cls.models.model import SEMModel
 from sem_cls.tracking import mlflow_loggers, tracking_client
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def read_checkpoint(path: Path, option: str = "ckpt_path") -> dict:
         raise UserError(f"{option}={path} does not exist. Point it at a .ckpt file from training.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        checkpoint["hyper_parameters"]["class_names"]
+        checkpoint["sem_model"]["class_names"]
     except Exception as err:  # noqa: BLE001 -- any failure here means "not our checkpoint"
         raise UserError(
             f"{option}={path} is not a sem-cls checkpoint ({type(err).__name__}: {err})."
@@ -64,25 +64,19 @@ def read_checkpoint(path: Path, option: str = "ckpt_path") -> dict:
     return checkpoint
 
 
-def load_checkpoint(path: Path, tta: bool = False) -> tuple[SEMClassifier, dict]:
-    """The classifier and the raw checkpoint; loads tensors and plain data only, never code.
-    With `tta`, its evaluation passes average over flips and turns (SEMClassifier.tta_logits)."""
+def load_checkpoint(path: Path) -> tuple[SEMModel, dict]:
+    """The trained model and the raw checkpoint; loads tensors and plain data only, never code.
+    The checkpoint holds every weight: no ImageNet weights are fetched."""
     checkpoint = read_checkpoint(path)
-    # The checkpoint holds every weight; fetching ImageNet weights first would be wasted.
-    model = SEMClassifier.load_from_checkpoint(
-        path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None, tta=tta
-    )
-    return model, checkpoint
+    return model_from_checkpoint(checkpoint), checkpoint
 
 
-def load_model(
-    reference, tracking_uri: str | None = None, tta: bool = False
-) -> tuple[SEMClassifier, dict, dict]:
+def load_model(reference, tracking_uri: str | None = None) -> tuple[SEMModel, dict, dict]:
     """Classifier, raw checkpoint and the preprocessing settings recorded with it ({} for a
     plain file), from a .ckpt path or an MLflow model URI (models:/<name>@<alias>,
-    models:/<name>/<version>, runs:/<run id>/model); `tta` as in load_checkpoint."""
+    models:/<name>/<version>, runs:/<run id>/model)."""
     if not is_model_uri(reference):
-        return *load_checkpoint(Path(reference), tta), {}
+        return *load_checkpoint(Path(reference)), {}
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):
@@ -100,7 +94,7 @@ def load_model(
                 f"ckpt_path={reference} is an MLflow model, but not one logged by sem-cls "
                 f"training (no data/{DATA_DIR}/{CHECKPOINT_FILE} in it)."
             )
-        model, checkpoint = load_checkpoint(data / CHECKPOINT_FILE, tta)
+        model, checkpoint = load_checkpoint(data / CHECKPOINT_FILE)
         settings = json.loads((data / SETTINGS_FILE).read_text())
     return model, checkpoint, settings
 
@@ -115,19 +109,19 @@ class PyfuncClassifier:
     `unknown` unless param `novelty` is false.
     """
 
-    def __init__(self, model: SEMClassifier, settings: dict, data_path: Path | None = None):
+    def __init__(self, model: SEMModel, settings: dict, data_path: Path | None = None):
         self.model = model.eval()
         self.settings = settings
+        self.engine = None  # torch
         if settings.get("engine", "torch") != "torch":
             # The converted backbone travels in the model's data folder (see log_best_model).
-            engine = create_engine(
+            self.engine = create_engine(
                 settings["engine"],
                 model.backbone,
                 tuple(model.data_config["input_size"]),
                 settings["bf16"],
                 data_path,
             )
-            model.use_engine(engine)
 
     def predict(self, model_input, params: dict | None = None):
         import pandas as pd
@@ -148,6 +142,7 @@ class PyfuncClassifier:
                 bf16=self.settings["bf16"],
                 num_workers=0,
                 progress=False,
+                engine=self.engine,
             )
         unknown = unknown_images(self.model, novelty, use_novelty)
         table = pd.DataFrame(
@@ -217,9 +212,10 @@ def _tracking(uri: str | None):
         yield
 
 
-def log_best_model(trainer, datamodule, info_bar, registry=None) -> list[str]:
+def log_best_model(trainer, datamodule, registry=None) -> list[str]:
     """Log the best checkpoint as MLflow model `model` of each MLflow run of `trainer`, with
-    the preprocessing it was trained with (`info_bar` mode, the datamodule's settings); with
+    the preprocessing it was trained with (the model's info-bar mode, the datamodule's
+    settings and feature engine); with
     `registry.name`, register it as a new version and point `registry.alias` at it. Returns the
     URIs to load it by."""
     import mlflow
@@ -230,15 +226,17 @@ def log_best_model(trainer, datamodule, info_bar, registry=None) -> list[str]:
         return []
     name = registry.get("name") if registry else None
     alias = registry.get("alias") if registry else None
-    model = trainer.lightning_module
+    model = trainer.lightning_module.model
+    extractor = datamodule.feature_extractor
+    engine = extractor.engine if extractor is not None else None
     settings = {
         "class_names": list(model.class_names),
-        "backbone": model.hparams.backbone,
+        "backbone": model.spec["backbone"],
         # Preprocessing as training and evaluation had it; features were bf16 where cached.
-        "info_bar": InfoBarCrop(info_bar).mode,
+        "info_bar": model.spec["info_bar"],
         "max_pixels": datamodule.max_pixels,
-        "bf16": bool(datamodule.bf16 and datamodule.cache_features and model.frozen),
-        "engine": model.engine.name if model.engine else "torch",
+        "bf16": bool(extractor is not None and extractor.bf16),
+        "engine": engine.name if engine is not None else "torch",
         "checkpoint": Path(best).name,
     }
     example = _input_example(datamodule)
@@ -250,7 +248,7 @@ def log_best_model(trainer, datamodule, info_bar, registry=None) -> list[str]:
             data.mkdir()
             shutil.copyfile(best, data / CHECKPOINT_FILE)
             if settings["engine"] == "openvino":  # converted once, in training; not on load
-                for part in model.engine.files:
+                for part in engine.files:
                     shutil.copyfile(part, data / part.name)
             (data / SETTINGS_FILE).write_text(
                 json.dumps({**settings, "trained_run_id": logger.run_id}, indent=2)

@@ -18,7 +18,6 @@ from lightning import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from sem_cls.data.manifest import SplitManifest
 from sem_cls.errors import OutOfSpace, UserError, is_out_of_space
 from sem_cls.tracking import (
     ContinuingMLFlowLogger,  # noqa: F401 -- named by saved run configs
@@ -186,11 +185,3 @@ def resume_hydra_overrides(config_dir: Path, config_name: str, overrides: list[s
         f"hydra.job_logging.handlers.file.filename={quoted(run_dir / f'{task_name}.log')}",
     ]
 
-
-def run_manifest(cfg: DictConfig, ingested, resume_from: Path | None) -> SplitManifest:
-    """The split to train on: a resumed run's own (its data/manifest.csv, images gone since
-    left out, images added since not used); otherwise data.manifest or a new split."""
-    saved = resume_from / "data" / "manifest.csv" if resume_from else None
-    if saved is not None and saved.is_file():
-        return SplitManifest.resumed(saved, ingested)
-    return SplitManifest.from_config(cfg.data, ingested)

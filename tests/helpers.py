@@ -152,7 +152,7 @@ def tiny_backbone(seed=0):
 
 def cached(cache, backbone, preprocessing="p", digests=("a", "b", "c", "d", "e", "f"), **kw):
     """FeatureCache.features of an `Images(**kw)` set (looked up when called), batches of 2."""
-    from sem_cls.data.engines import TorchEngine
+    from sem_cls.models.engines import TorchEngine
 
     engine = TorchEngine(backbone, bf16=False)
     return cache.features(engine, {"resize": preprocessing}, Images(**kw), list(digests), 2, 0)
@@ -248,3 +248,16 @@ def write_images_unlike_sem(folder: Path, per_kind: int = 4, seed: int = 0) -> l
         paths.append(folder / f"noise_{index}.png")
         Image.fromarray(noise).save(paths[-1])
     return paths
+
+
+def feature_extractor(model, cache_dir: Path, kind: str = "torch", bf16: bool = True):
+    """What train.py hands the datamodule for a frozen `model` (a SEMModel) with the feature
+    cache on: its engine `kind` and a FeatureCache under `cache_dir`."""
+    from sem_cls.data.features import FeatureCache
+    from sem_cls.models.engines import FeatureExtractor
+
+    cache = FeatureCache(Path(cache_dir) / "features")
+    input_size = model.data_config["input_size"]
+    return FeatureExtractor(
+        kind, model.backbone, input_size, bf16, cache, Path(cache_dir) / "engines"
+    )

@@ -85,9 +85,9 @@ def test_ingest_uses_or_reports_every_file(tmp_path_factory, case):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from sem_cls.models.classifier import SEMClassifier
+    from sem_cls.models.build import build_model
 
-    return SEMClassifier(["A", "B"], backbone="test_efficientnet", pretrained=False).eval()
+    return build_model(["A", "B"], backbone="test_efficientnet", pretrained=False)[0].eval()
 
 
 @pytest.mark.slow  # 50 examples: about 20 s on an idle machine

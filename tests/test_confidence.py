@@ -40,10 +40,10 @@ def test_checkpoint_carries_temperature_and_novelty_references(trained_run):
     cfg = trained_run[0]
     model, checkpoint = load_checkpoint(best_checkpoint(cfg))
     state = checkpoint["state_dict"]
-    assert float(model.temperature) == float(state["temperature"]) != 1.0
+    assert float(model.temperature) == float(state["model.temperature"]) != 1.0
     assert model.has_novelty
-    assert len(model.novelty_references) == len(state["novelty_references"]) > 0
-    assert float(model.novelty_threshold) == float(state["novelty_threshold"])
+    assert len(model.novelty_references) == len(state["model.novelty_references"]) > 0
+    assert float(model.novelty_threshold) == float(state["model.novelty_threshold"])
 
 
 def test_test_reports_give_ece_before_and_after_and_the_unknown_share(trained_run):

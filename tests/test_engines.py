@@ -12,12 +12,13 @@ import timm
 import torch
 from torch.nn.functional import cosine_similarity
 
-from sem_cls.data import engines
 from sem_cls.data.datamodule import SEMDataModule
-from sem_cls.data.engines import OpenVINOEngine, TorchEngine, create_engine
 from sem_cls.data.features import FeatureCache
 from sem_cls.errors import UserError
+from sem_cls.models import engines
+from sem_cls.models.build import build_model
 from sem_cls.models.classifier import SEMClassifier
+from sem_cls.models.engines import TorchEngine, create_engine, native_bf16
 from sem_cls.models.inference import classify_files
 from sem_cls.predict import image_files
 from tests.helpers import ROOT, best_checkpoint, compose_config, run_predict, split_manifest
@@ -31,14 +32,13 @@ def is_frozen_batchnorm(module) -> bool:
 
 @pytest.fixture(scope="module")
 def lite0():
-    return SEMClassifier([str(i) for i in range(10)], **LITE0)
+    return build_model([str(i) for i in range(10)], **LITE0)[0]
 
 
 @pytest.fixture(scope="module")
 def images(tiny_sem_dir, lite0):
     """Real preprocessed batches of the tiny generated set: (16, 3, 224, 224)."""
-    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0)
-    datamodule.data_config = lite0.data_config
+    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), lite0.data_config, num_workers=0)
     datamodule.setup()
     dataset = datamodule.image_dataset(datamodule.samples["train"][:16])
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
@@ -58,36 +58,38 @@ def test_wholly_frozen_backbone_is_the_plain_model_with_the_same_features(lite0,
     timm.utils.freeze(swapped)
     assert any(is_frozen_batchnorm(m) for m in swapped.modules())
     with torch.no_grad():
-        plain, before = lite0.backbone_features(images)[0], swapped.eval()(images)
+        plain, before = lite0.features(images), swapped.eval()(images)
     assert cosine_similarity(plain, before).min() > 0.99999
     torch.testing.assert_close(plain, before, atol=1e-4, rtol=1e-4)
 
 
 def test_wholly_frozen_backbone_does_not_train(tiny_sem_dir, lite0, images):
-    model = copy.deepcopy(lite0)
-    model.optimizer_factory = lambda params: torch.optim.SGD(params, lr=0.5)
-    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model = SEMClassifier(
+        copy.deepcopy(lite0), optimizer=lambda params: torch.optim.SGD(params, lr=0.5)
+    )
+    backbone = model.model.backbone
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
     model.train()
-    assert not model.backbone.training, "BatchNorm would update its statistics"
-    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert not backbone.training, "BatchNorm would update its statistics"
+    assert not any(p.requires_grad for p in backbone.parameters())
     optimizer = model.configure_optimizers()
-    loss = torch.nn.functional.cross_entropy(model(images), torch.arange(16) % 10)
-    loss.backward()
+    batch = {"image": images, "label": torch.arange(16) % 10, "index": torch.arange(16)}
+    model.training_step(batch, 0).backward()
     optimizer.step()
-    after = model.backbone.state_dict()
+    after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_partly_frozen_backbone_keeps_frozen_batchnorm():
-    model = SEMClassifier(["a", "b"], backbone="resnet18", pretrained=False, freeze=1)
+    model, _ = build_model(["a", "b"], backbone="resnet18", pretrained=False, freeze=1)
     assert any(is_frozen_batchnorm(m) for m in model.backbone.modules())
 
 
 def test_checkpoint_of_a_frozen_batchnorm_model_still_loads(lite0):
     swapped = copy.deepcopy(lite0.backbone)
     timm.utils.freeze(swapped)
-    fresh = SEMClassifier([str(i) for i in range(10)], backbone="tf_efficientnet_lite0",
-                          pretrained=False)  # fmt: skip
+    fresh, _ = build_model([str(i) for i in range(10)], backbone="tf_efficientnet_lite0",
+                           pretrained=False)  # fmt: skip
     fresh.backbone.load_state_dict(swapped.state_dict())
     for name, tensor in lite0.backbone.state_dict().items():
         if not name.endswith("num_batches_tracked"):
@@ -127,7 +129,7 @@ def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatc
 ENGINES_THEN_A_SIGNAL = textwrap.dedent(
     """
     import gc, os, signal, timm
-    from sem_cls.data.engines import create_engine
+    from sem_cls.models.engines import create_engine
     made = [
         create_engine("openvino", timm.create_model("resnet10t", num_classes=0), (3, 32, 32), False)
         for _ in range(2)
@@ -157,17 +159,34 @@ def test_feature_cache_keys_the_engine(lite0, openvino_engine, tmp_path):
     assert torch_key != cache.backbone_key(openvino_engine[0], {})
 
 
+# How far a confidence may move from the fp32 reference's, by the precision an engine computes
+# in: (largest, mean) absolute gap. fp32 engines differ in summation order only. bf16 keeps 8
+# bits of mantissa; the tiny demo's temperature (about 0.2) sharpens the logits five-fold, so an
+# image near the decision boundary moved by up to 0.033 (torch) and 0.086 (OpenVINO) on an
+# AVX512-BF16 CPU, while the mean gap stayed near 0.004. The mean catches a drift of them all.
+CONFIDENCE_TOLERANCE = {"fp32": (0.01, 0.002), "bf16": (0.12, 0.01)}
+
+
 def test_demo_predictions_agree_between_engines(trained_run, tiny_sem_dir, tmp_path):
     checkpoint = best_checkpoint(trained_run[0])
-    rows = {
-        kind: run_predict(trained_run, tmp_path, checkpoint, tiny_sem_dir, f"engine={kind}")
-        for kind in ("torch", "openvino")
-    }
-    assert [r["path"] for r in rows["torch"]] == [r["path"] for r in rows["openvino"]]
-    classes = {kind: [r["predicted_class"] for r in rows[kind]] for kind in rows}
-    assert classes["torch"] == classes["openvino"]
-    confidence = {kind: np.array([float(r["confidence"]) for r in rows[kind]]) for kind in rows}
-    np.testing.assert_allclose(confidence["torch"], confidence["openvino"], atol=0.02)
+
+    def predict(*overrides):
+        return run_predict(trained_run, tmp_path, checkpoint, tiny_sem_dir, *overrides)
+
+    reference = predict("engine=torch", "bf16=false")  # fp32 everywhere
+    rows = {kind: predict(f"engine={kind}") for kind in ("torch", "openvino")}  # bf16 if native
+    cpu_bf16 = native_bf16(torch.device("cpu"))
+    for kind, predicted in rows.items():
+        assert [r["path"] for r in predicted] == [r["path"] for r in reference]
+        assert [r["predicted_class"] for r in predicted] == [
+            r["predicted_class"] for r in reference
+        ], kind
+        confidence = np.array([float(r["confidence"]) for r in predicted])
+        expected = np.array([float(r["confidence"]) for r in reference])
+        largest, mean = CONFIDENCE_TOLERANCE["bf16" if cpu_bf16 else "fp32"]
+        gap = abs(confidence - expected)
+        print(f"{kind}: confidence gap to fp32, largest {gap.max():.4f}, mean {gap.mean():.4f}")
+        assert gap.max() <= largest and gap.mean() <= mean, kind
     assert list((tmp_path / "cache" / "engines").glob("*.xml")), "converted under cache_dir"
 
 
@@ -177,21 +196,9 @@ def test_predict_engine_serves_a_loaded_checkpoint(trained_run, tiny_sem_dir, op
     model, _ = load_checkpoint(best_checkpoint(trained_run[0]))
     files = image_files(tiny_sem_dir)[:8]
     expected, _, _ = classify_files(model, files, bf16=False, progress=False)
-    model.use_engine(create_engine("openvino", model.backbone, (3, 224, 224), False))
-    assert isinstance(model.engine, OpenVINOEngine)
-    probs, _, _ = classify_files(model, files, bf16=False, progress=False)
+    engine = create_engine("openvino", model.backbone, (3, 224, 224), False)
+    probs, _, _ = classify_files(model, files, bf16=False, progress=False, engine=engine)
     np.testing.assert_allclose(probs, expected, atol=0.02)
-
-
-def test_openvino_with_fine_tuning_is_refused_by_name(tiny_sem_dir):
-    manifest = split_manifest(tiny_sem_dir)
-    datamodule = SEMDataModule(manifest, num_workers=0, engine="openvino")
-    model = SEMClassifier(datamodule.class_names, backbone="resnet18", pretrained=False,
-                          freeze="none")  # fmt: skip
-    with pytest.raises(UserError, match=r"data.engine=openvino .*model.freeze='none'"):
-        datamodule.attach_model(model)
-    with pytest.raises(UserError, match="data.engine='onnx' is not one of"):
-        SEMDataModule(manifest, engine="onnx")
 
 
 def test_openvino_that_cannot_be_imported_is_an_error_not_a_fallback(lite0, monkeypatch):

@@ -5,6 +5,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -192,31 +193,35 @@ def test_validation_report_is_of_the_epoch_whose_checkpoint_is_kept(tmp_path, mo
     images = 8
 
     class ScriptedModule(L.LightningModule):
-        """Logs the scripted val/loss; epoch e predicts e + 1 of the images right."""
+        """Logs the scripted val/scripted; epoch e predicts e + 1 of the images right."""
 
         class_names = ["a", "b"]
 
         def __init__(self):
             super().__init__()
             self.layer = torch.nn.Linear(1, 1)
+            self.model = SimpleNamespace(probabilities=lambda logits: logits.softmax(dim=1))
 
         def training_step(self, batch, batch_idx):
-            return self.layer(batch[0]).sum()
+            return self.layer(batch[0].float()[:, None]).sum()
 
         def validation_step(self, batch, batch_idx):
-            self.log("val/loss", losses[self.current_epoch])
-
-        def predictions(self):
-            targets = torch.zeros(images, dtype=torch.long)
-            preds = (torch.arange(images) > self.current_epoch).long()
-            return targets, preds
+            self.log("val/scripted", losses[self.current_epoch])
+            (index,) = batch
+            preds = (index > self.current_epoch).long()
+            logits = torch.nn.functional.one_hot(preds, 2).float()
+            targets = torch.zeros_like(index)
+            return {"index": index, "target": targets, "logits": logits, "novelty": index * 0.0}
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 1)))
-    checkpoint = ModelCheckpoint(tmp_path / "checkpoints", "epoch_{epoch}", "val/loss", mode=mode)
-    reports = EvaluationReports(str(tmp_path / "reports"), monitor="val/loss")
+    dataset = torch.utils.data.TensorDataset(torch.arange(images))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3)
+    checkpoint = ModelCheckpoint(
+        tmp_path / "checkpoints", "epoch_{epoch}", "val/scripted", mode=mode
+    )
+    reports = EvaluationReports(str(tmp_path / "reports"), monitor="val/scripted")
     trainer = L.Trainer(
         max_epochs=len(losses),
         callbacks=[checkpoint, reports],

@@ -20,27 +20,34 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from sem_cls.data.datamodule import SEMDataModule
-from sem_cls.data.engines import TorchEngine, native_bf16
 from sem_cls.data.features import FeatureCache
 from sem_cls.errors import UserError
+from sem_cls.models.build import build_classifier, build_model
 from sem_cls.models.classifier import SEMClassifier
-from tests.helpers import LITE0, ROOT, Images, cached, split_manifest, tiny_backbone
+from sem_cls.models.engines import TorchEngine, native_bf16
+from sem_cls.runner import build_datamodule
+from tests.helpers import (
+    LITE0,
+    ROOT,
+    Images,
+    cached,
+    compose_config,
+    feature_extractor,
+    split_manifest,
+    tiny_backbone,
+)
 
 
 def train_head(data_dir, cache_dir, cache: bool) -> tuple[SEMClassifier, SEMDataModule]:
     L.seed_everything(0)
+    manifest = split_manifest(data_dir)
+    model = build_classifier(
+        manifest.class_names, **LITE0, optimizer=lambda params: torch.optim.Adam(params, 1e-2)
+    )
+    extractor = feature_extractor(model.model, cache_dir, bf16=False) if cache else None
     datamodule = SEMDataModule(
-        split_manifest(data_dir),
-        num_workers=0,
-        batch_size=16,
-        cache_dir=str(cache_dir),
-        bf16=False,
-        cache_features=cache,
+        manifest, model.model.data_config, extractor, num_workers=0, batch_size=16
     )
-    model = SEMClassifier(
-        datamodule.class_names, **LITE0, optimizer=lambda params: torch.optim.Adam(params, 1e-2)
-    )
-    datamodule.attach_model(model)
     trainer = L.Trainer(
         max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
@@ -55,8 +62,9 @@ def test_cached_and_uncached_training_give_the_same_head(tiny_sem_dir, tmp_path)
     assert len(list(tmp_path.rglob("*.npy"))) == 2
     uncached, datamodule = train_head(tiny_sem_dir, tmp_path, cache=False)
     assert not datamodule.features
-    torch.testing.assert_close(cached.head.weight, uncached.head.weight, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(cached.head.bias, uncached.head.bias, atol=1e-5, rtol=1e-4)
+    cached, uncached = cached.model.head, uncached.model.head
+    torch.testing.assert_close(cached.weight, uncached.weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cached.bias, uncached.bias, atol=1e-5, rtol=1e-4)
 
 
 def test_cache_hits_only_when_nothing_that_changes_features_changed(tmp_path):
@@ -140,9 +148,8 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
 )
 def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
     manifest = split_manifest(tiny_sem_dir, ratios=(0.5, 0.25, 0.25))
-    datamodule = SEMDataModule(manifest, num_workers=0)
-    model = SEMClassifier(datamodule.class_names, **LITE0)
-    datamodule.data_config = model.data_config
+    model, _ = build_model(manifest.class_names, **LITE0)
+    datamodule = SEMDataModule(manifest, model.data_config, num_workers=0)
     datamodule.setup()
     samples = [s for split in datamodule.samples.values() for s in split]
     labels = np.array([s.label for s in samples])
@@ -165,9 +172,11 @@ def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
 
 
 def test_fine_tuning_bypasses_the_cache(tiny_sem_dir, tmp_path):
-    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0, cache_dir=str(tmp_path))
-    model = SEMClassifier(datamodule.class_names, **LITE0, freeze=False)
-    datamodule.attach_model(model)
+    overrides = [f"data.data_dir={tiny_sem_dir}", "data.num_workers=0"]
+    cfg = compose_config("train", tmp_path, overrides)
+    manifest = split_manifest(tiny_sem_dir)
+    model, _ = build_model(manifest.class_names, **LITE0, freeze="none")
+    datamodule = build_datamodule(manifest, cfg.data, model)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["image"].ndim == 4, "a backbone that learns needs images, not cached features"

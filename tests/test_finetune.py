@@ -10,10 +10,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sem_cls.data.augment import sem_train_transform
 from sem_cls.data.datamodule import SEMDataModule
-from sem_cls.errors import UserError
+from sem_cls.models.build import build_classifier
 from sem_cls.models.classifier import SEMClassifier
 from sem_cls.models.finetune import backbone_stages, warmup_cosine
-from tests.helpers import split_manifest
+from sem_cls.runner import build_datamodule
+from tests.helpers import compose_config, feature_extractor, split_manifest
 
 # Small inputs keep a ResNet-18 epoch on the tiny set to a second or two.
 SMALL = dict(
@@ -25,18 +26,15 @@ SMALL = dict(
 def fit(data_dir, epochs: int = 1, callbacks=(), augment=None, **model_args):
     L.seed_everything(0)
     manifest = split_manifest(data_dir)
-    datamodule = SEMDataModule(
-        manifest, num_workers=0, batch_size=16, cache_features=False, augment=augment
-    )
-    model = SEMClassifier(
-        datamodule.class_names,
+    datamodule = SEMDataModule(manifest, SMALL, num_workers=0, batch_size=16, augment=augment)
+    model = build_classifier(
+        manifest.class_names,
         backbone="resnet18",
         pretrained=False,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
         **model_args,
     )
-    datamodule.data_config = SMALL
-    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    before = {k: v.clone() for k, v in model.model.backbone.state_dict().items()}
     trainer = L.Trainer(
         max_epochs=epochs,
         logger=False,
@@ -46,7 +44,7 @@ def fit(data_dir, epochs: int = 1, callbacks=(), augment=None, **model_args):
         callbacks=list(callbacks),
     )
     trainer.fit(model, datamodule=datamodule)
-    after = model.backbone.state_dict()
+    after = model.model.backbone.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     return model, changed
 
@@ -56,7 +54,8 @@ def stage_of(model) -> dict[str, int]:
     # From an unfrozen twin: frozen BatchNorms hold their weights as buffers, not parameters.
     stages = backbone_stages(timm.create_model("resnet18", num_classes=0))
     module_stage = {name.rpartition(".")[0]: i for i, stage in enumerate(stages) for name in stage}
-    return {key: module_stage[key.rpartition(".")[0]] for key in model.backbone.state_dict()}
+    state = model.model.backbone.state_dict()
+    return {key: module_stage[key.rpartition(".")[0]] for key in state}
 
 
 @pytest.mark.slow  # fine-tunes a ResNet-18
@@ -66,15 +65,15 @@ def test_last_n_stages_learn_and_the_rest_stay_bitwise_equal(tiny_sem_dir):
     last_two = {max(stages.values()) - 1, max(stages.values())}
     learning = {k for k, s in stages.items() if s in last_two}
     assert changed == learning
-    stem_bn = model.backbone.bn1
+    stem_bn = model.model.backbone.bn1
     assert isinstance(stem_bn, FrozenBatchNorm2d), "BatchNorm of a frozen stage stays frozen"
-    assert isinstance(model.backbone.layer4[0].bn1, torch.nn.BatchNorm2d)
+    assert isinstance(model.model.backbone.layer4[0].bn1, torch.nn.BatchNorm2d)
 
 
 @pytest.mark.slow  # fine-tunes a ResNet-18
 def test_freeze_none_trains_every_backbone_tensor(tiny_sem_dir):
     model, changed = fit(tiny_sem_dir, freeze="none")
-    every = set(model.backbone.state_dict())
+    every = set(model.model.backbone.state_dict())
     assert changed == every
 
 
@@ -86,11 +85,12 @@ def test_unfreezing_after_k_epochs_switches_at_epoch_k(tiny_sem_dir):
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 0:  # the state the epoch's steps see
-                grads = {p.requires_grad for p in pl_module.backbone.layer4.parameters()}
-                self.learning.append((grads, pl_module.backbone.training))
+                backbone = pl_module.model.backbone
+                grads = {p.requires_grad for p in backbone.layer4.parameters()}
+                self.learning.append((grads, backbone.training))
 
         def on_train_epoch_end(self, trainer, pl_module):
-            state = pl_module.backbone.state_dict()
+            state = pl_module.model.backbone.state_dict()
             self.snapshots.append({k: v.clone() for k, v in state.items()})
 
     watch = Watch()
@@ -103,7 +103,7 @@ def test_unfreezing_after_k_epochs_switches_at_epoch_k(tiny_sem_dir):
 
 
 def test_layer_decay_gives_lower_rates_to_earlier_layers(tiny_sem_dir):
-    model = SEMClassifier(
+    model = build_classifier(
         split_manifest(tiny_sem_dir).class_names,
         backbone="resnet18",
         pretrained=False,
@@ -114,7 +114,8 @@ def test_layer_decay_gives_lower_rates_to_earlier_layers(tiny_sem_dir):
     model.trainer = L.Trainer(max_epochs=1)  # configure_optimizers reads max_epochs
     optimizer = model.configure_optimizers()
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-    head, stem, top = model.head.weight, model.backbone.conv1.weight, model.backbone.layer4[1]
+    backbone = model.model.backbone
+    head, stem, top = model.model.head.weight, backbone.conv1.weight, backbone.layer4[1]
     assert lr_of[id(head)] == 1e-3
     assert lr_of[id(stem)] < lr_of[id(top.conv2.weight)] <= 1e-3
 
@@ -127,11 +128,6 @@ def test_warmup_then_cosine():
     assert warmup_cosine(0, False, 10)(7) == 1.0
 
 
-def test_bad_freeze_values_are_named():
-    with pytest.raises(UserError, match=r"model.freeze='some' must be 'all'"):
-        SEMClassifier(["a", "b"], backbone="resnet18", pretrained=False, freeze="some")
-
-
 def test_sem_augmentation_gives_varied_views_of_the_same_size():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128), np.uint8))
     transform = sem_train_transform(SMALL)
@@ -142,16 +138,16 @@ def test_sem_augmentation_gives_varied_views_of_the_same_size():
 
 
 def test_augmented_training_reads_images_while_validation_stays_cached(tiny_sem_dir, tmp_path):
+    manifest = split_manifest(tiny_sem_dir)
+    model = build_classifier(manifest.class_names, backbone="resnet18", pretrained=False).model
     datamodule = SEMDataModule(
-        split_manifest(tiny_sem_dir),
+        manifest,
+        SMALL,
+        feature_extractor(model, tmp_path),
         num_workers=0,
         batch_size=8,
-        cache_dir=str(tmp_path),
         augment={"scale": (0.8, 1.0)},
     )
-    model = SEMClassifier(datamodule.class_names, backbone="resnet18", pretrained=False)
-    datamodule.attach_model(model)
-    datamodule.data_config = SMALL
     datamodule.setup("fit")
     images = next(iter(datamodule.train_dataloader()))["image"]
     features = next(iter(datamodule.val_dataloader()))["features"]
@@ -160,7 +156,7 @@ def test_augmented_training_reads_images_while_validation_stays_cached(tiny_sem_
 
 
 def test_test_time_augmentation_averages_the_eight_symmetric_views():
-    model = SEMClassifier(["a", "b", "c"], backbone="resnet18", pretrained=False).eval()
+    model = build_classifier(["a", "b", "c"], backbone="resnet18", pretrained=False).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         averaged = model.tta_logits(images).exp()
@@ -176,22 +172,26 @@ def test_test_time_augmentation_averages_the_eight_symmetric_views():
 
 
 def test_setup_extracts_the_features_before_any_loader_is_asked_for(tiny_sem_dir, tmp_path):
-    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0, cache_dir=str(tmp_path))
-    model = SEMClassifier(datamodule.class_names, backbone="resnet18", pretrained=False)
-    datamodule.attach_model(model)
-    datamodule.data_config = SMALL
+    manifest = split_manifest(tiny_sem_dir)
+    model = build_classifier(manifest.class_names, backbone="resnet18", pretrained=False).model
+    datamodule = SEMDataModule(manifest, SMALL, feature_extractor(model, tmp_path), num_workers=0)
     datamodule.setup("fit")
     assert set(datamodule.features) == {"train", "val"}
     assert len(list(tmp_path.rglob("*.npy"))) == 2
     batch = next(iter(datamodule.val_dataloader()))
-    assert set(batch) == {"features", "label"}
+    assert set(batch) == {"features", "label", "index"}
 
 
-def test_a_model_built_with_tta_evaluates_images_over_the_eight_views():
-    model = SEMClassifier(["a", "b", "c"], backbone="resnet18", pretrained=False, tta=True).eval()
-    assert not model.takes_features, "cached features have no flips or turns to average"
-    assert "tta" not in model.hparams, "a choice of the evaluation, not kept in checkpoints"
+def test_evaluation_with_tta_reads_images_and_averages_the_eight_views(tiny_sem_dir, tmp_path):
+    model = build_classifier(["a", "b", "c"], backbone="resnet18", pretrained=False).model
+    cfg = compose_config("eval", tmp_path, ["ckpt_path=unused", f"data.data_dir={tiny_sem_dir}"])
+    manifest = split_manifest(tiny_sem_dir)
+    # Cached features have no flips or turns to average: with TTA the loaders give images.
+    assert build_datamodule(manifest, cfg.data, model).feature_extractor is not None
+    assert build_datamodule(manifest, cfg.data, model, tta=True).feature_extractor is None
+    classifier = SEMClassifier(model, tta=True).eval()
     batch = {"image": torch.randn(2, 3, 64, 64), "label": torch.tensor([0, 2])}
+    batch["index"] = torch.arange(2)
     with torch.no_grad():
-        _, logits, _ = model._step(batch)
-        assert torch.allclose(logits, model.tta_logits(batch["image"]))
+        logits = classifier.test_step(batch, 0)["logits"]
+        assert torch.allclose(logits, classifier.tta_logits(batch["image"]))

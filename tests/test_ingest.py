@@ -138,7 +138,7 @@ def test_every_real_image_decodes_and_bars_are_cropped_only_where_they_are(real_
 
 
 def test_real_external_folder_loads_cropped_for_a_model(tiny_sem_dir, real_sem_dir):
-    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0)
+    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), {}, num_workers=0)
     datamodule.data_config = dict(
         input_size=(3, 224, 224), interpolation="bicubic", crop_pct=0.875, crop_mode="center",
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),

@@ -11,43 +11,50 @@ from torch.utils.data import DataLoader
 
 from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.errors import PretrainedWeightsUnavailable, UserError
+from sem_cls.evaluation.callback import SplitScores
 from sem_cls.models.backbones import create_backbone
-from sem_cls.models.classifier import SEMClassifier
+from sem_cls.models.build import build_classifier
+from sem_cls.models.confidence import FitConfidence
 from tests.helpers import LITE0, split_manifest
 
 
 def tiny_datamodule(data_dir, data_config, **kwargs):
-    datamodule = SEMDataModule(split_manifest(data_dir), num_workers=0, batch_size=16, **kwargs)
-    datamodule.data_config = data_config
-    return datamodule
+    return SEMDataModule(
+        split_manifest(data_dir), data_config, num_workers=0, batch_size=16, **kwargs
+    )
 
 
 @pytest.mark.slow  # trains on EfficientNet-Lite0 images
 def test_frozen_training_changes_only_the_head(tiny_sem_dir):
     L.seed_everything(0)
-    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0, batch_size=16)
-    model = SEMClassifier(
-        datamodule.class_names,
+    manifest = split_manifest(tiny_sem_dir)
+    model = build_classifier(
+        manifest.class_names,
         **LITE0,
         optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
     )
-    datamodule.data_config = model.data_config
+    datamodule = SEMDataModule(manifest, model.model.data_config, num_workers=0, batch_size=16)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    backbone_buffers = [name for name, _ in model.backbone.named_buffers()]
+    backbone_buffers = [name for name, _ in model.model.backbone.named_buffers()]
     assert any("running_mean" in name for name in backbone_buffers)
 
     trainer = L.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[SplitScores(), FitConfidence()],
     )
     trainer.fit(model, datamodule=datamodule)
 
     after = model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    # Not weights: the best validation accuracy so far, the temperature fitted on validation
-    # logits, and the novelty references and threshold, kept in checkpoints too.
-    fitted = {"val_acc_best.max_value", "temperature", "novelty_references", "novelty_threshold"}
-    assert changed - fitted == {"head.weight", "head.bias"}
-    assert not any(p.requires_grad for p in model.backbone.parameters())
+    # Not weights: the temperature fitted on validation logits, and the novelty references and
+    # threshold, kept in checkpoints too.
+    fitted = {"model.temperature", "model.novelty_references", "model.novelty_threshold"}
+    assert fitted <= changed
+    assert changed - fitted == {"model.head.weight", "model.head.bias"}
+    assert not any(p.requires_grad for p in model.model.backbone.parameters())
 
 
 def test_packaged_lite0_weights_are_the_package_tensors():
@@ -118,44 +125,59 @@ def test_unknown_backbone_suggests_close_names():
 
 
 def test_balanced_class_weighting_weighs_the_training_loss_by_inverse_frequency(tiny_sem_dir):
-    datamodule = SEMDataModule(split_manifest(tiny_sem_dir), num_workers=0, batch_size=16)
-    model = SEMClassifier(
-        datamodule.class_names,
+    from sem_cls.runner import train_class_counts
+
+    manifest = split_manifest(tiny_sem_dir)
+    counts = train_class_counts(manifest)
+    counts[0] -= 3  # Biological now rarer
+    model = build_classifier(
+        manifest.class_names,
+        train_counts=counts,
         backbone="resnet18",
         pretrained=False,
         class_weighting="balanced",
         label_smoothing=0.1,
-        optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
     )
-    datamodule.samples["train"] = datamodule.samples["train"][3:]  # Biological now rarer
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False)
-    trainer.datamodule = datamodule  # what fit() sets before calling setup
-    model.trainer = trainer
-    model.setup("fit")
-    counts = datamodule.class_counts("train")
     expected = counts.sum() / (len(counts) * counts)
     assert torch.allclose(model.class_weights, torch.tensor(expected, dtype=torch.float32))
     assert model.class_weights[0] == model.class_weights.max() > 1
 
-    features = torch.randn(6, model.backbone.num_features)  # as the feature cache gives them
+    features = torch.randn(6, model.model.backbone.num_features)  # as the feature cache gives them
     targets = torch.tensor([0, 0, 1, 2, 3, 4])
-    batch = {"features": features, "label": targets}  # as the feature cache gives them
-    loss, logits, _ = model._step(batch, training=True)
+    batch = {"features": features, "label": targets, "index": torch.arange(6)}
+    loss = model.training_step(batch, 0)
+    logits = model.model.head(features)
     reference = torch.nn.functional.cross_entropy(
         logits, targets, weight=model.class_weights, label_smoothing=0.1
     )
     assert torch.isclose(loss, reference)
-    plain, _, _ = model._step(batch)  # evaluation losses stay unweighted
-    assert torch.isclose(plain, torch.nn.functional.cross_entropy(logits, targets))
+    plain = torch.nn.functional.cross_entropy(logits, targets)
+    assert not torch.isclose(loss, plain), "the weights and the smoothing change the loss"
+    # Evaluation passes are scored on plain logits (SplitScores), unweighted.
+    assert torch.equal(model.validation_step(batch, 0)["logits"], logits)
 
 
 @pytest.mark.parametrize(
-    ("option", "match"),
-    [
-        (dict(class_weighting="inverse"), r"model.class_weighting='inverse' is not one of"),
-        (dict(label_smoothing=1.5), r"model.label_smoothing=1.5 must be in \[0, 1\)"),
-    ],
+    ("backbone", "options"),
+    [("resnet18", dict(freeze=1)), ("inception_v3", dict(freeze="none", aux_logits=True))],
 )
-def test_bad_loss_options_are_named(option, match):
-    with pytest.raises(UserError, match=match):
-        SEMClassifier(["a", "b"], backbone="resnet18", pretrained=False, **option)
+def test_a_checkpoint_rebuilds_the_model_it_holds(backbone, options, tmp_path):
+    from sem_cls.models.build import model_from_checkpoint
+
+    classifier = build_classifier(["a", "b", "c"], backbone=backbone, pretrained=False, **options)
+    model = classifier.model.eval()
+    model.temperature.fill_(0.5)
+    model.novelty_references = torch.randn(4, model.backbone.num_features).half()
+    model.novelty_threshold.fill_(0.3)
+    checkpoint = {"state_dict": classifier.state_dict()}
+    classifier.on_save_checkpoint(checkpoint)  # as Lightning's ModelCheckpoint saves it
+    torch.save(checkpoint, tmp_path / "epoch_000.ckpt")
+
+    saved = torch.load(tmp_path / "epoch_000.ckpt", weights_only=True)
+    assert saved["sem_model"]["class_names"] == ["a", "b", "c"]
+    loaded = model_from_checkpoint(saved)  # frozen BatchNorms and the aux branch rebuilt alike
+    images = torch.randn(2, *model.data_config["input_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    assert float(loaded.temperature) == 0.5 and loaded.has_novelty
+    assert torch.equal(loaded.novelty_references, model.novelty_references)

@@ -108,7 +108,7 @@ def test_a_resumed_epoch_sees_the_training_order_of_the_uninterrupted_one(
 
     def train_loader():
         manifest = SplitManifest.from_config(cfg.data, ingest_folder(cfg.data))
-        datamodule = SEMDataModule.from_config(manifest, cfg.data)
+        datamodule = SEMDataModule.from_config(manifest, cfg.data, {})
         datamodule.data_config = {
             "input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0,
             "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),

@@ -229,18 +229,39 @@ def test_ranks_above_zero_leave_the_sqlite_store_alone(tmp_path, monkeypatch):
     assert logger.run_id is None  # Lightning's stand-in experiment: nothing is recorded
 
 
-def test_gathered_predictions_return_to_split_order():
-    from types import SimpleNamespace
+class GatheringRanks:
+    """Stands in for a LightningModule on rank 0 of len(ranks) DDP processes: all_gather stacks
+    rank 0's tensor with the other ranks' ones of the same name, as Lightning does."""
 
-    from sem_cls.evaluation.callback import in_split_order
+    def __init__(self, ranks: list[dict]):
+        from types import SimpleNamespace
 
-    datamodule = SimpleNamespace(samples={"test": list("abcde")})
-    # Two ranks: rank 0 drew images 0, 2, 4; rank 1 drew 1, 3 and 0 again, as padding.
-    gathered = torch.tensor([0, 2, 4, 1, 3, 0])
-    two_ranks = SimpleNamespace(world_size=2, datamodule=datamodule)
-    assert in_split_order(two_ranks, "test", gathered)[0].tolist() == [0, 1, 2, 3, 4]
-    one_process = SimpleNamespace(world_size=1, datamodule=datamodule)
-    assert in_split_order(one_process, "test", gathered)[0] is gathered
+        self.ranks = ranks
+        self.trainer = SimpleNamespace(world_size=len(ranks))
+
+    def all_gather(self, tensor):
+        if len(self.ranks) == 1:
+            return tensor
+        (name,) = [k for k, v in self.ranks[0].items() if torch.equal(v, tensor)]
+        return torch.stack([rank[name] for rank in self.ranks])
+
+
+def test_gathered_predictions_are_placed_by_sample_index():
+    from sem_cls.data.samples import in_set_order
+
+    # Five test images over two ranks: rank 0 drew 0, 2, 4; rank 1 drew 1, 3 and 0 again, the
+    # DistributedSampler's padding. Each image's logit is its own index, to see where it lands.
+    def drawn(indices):
+        index = torch.tensor(indices)
+        return {"index": index, "logits": index[:, None].float() * torch.ones(1, 3)}
+
+    ranks = [drawn([0, 2, 4]), drawn([1, 3, 0])]
+    placed = in_set_order(GatheringRanks(ranks), [ranks[0]])
+    assert placed["logits"][:, 0].tolist() == [0, 1, 2, 3, 4], "each image once, in set order"
+    assert placed["logits"].shape == (5, 3)
+    one_process = [drawn([3, 0, 1]), drawn([2, 4])]  # two batches, any order
+    placed = in_set_order(GatheringRanks([{}]), one_process)
+    assert placed["logits"][:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_compile_applies_to_a_fine_tuned_backbone_only(tmp_path):
@@ -253,11 +274,12 @@ def test_compile_applies_to_a_fine_tuned_backbone_only(tmp_path):
         return hydra.utils.instantiate(cfg.model, class_names=["a", "b"], _convert_="all")
 
     compiled = classifier("model.compile=true", "model.freeze=none")
-    assert compiled.backbone._compiled_call_impl is not None
-    assert classifier("model.compile=true").backbone._compiled_call_impl is None
-    # Compiled in place: checkpoints keep the plain names, and do not make their loader compile.
+    assert compiled.model.backbone._compiled_call_impl is not None
+    assert classifier("model.compile=true").model.backbone._compiled_call_impl is None
+    # Compiled in place: checkpoints keep the plain names, and the spec a loader rebuilds the
+    # model from says nothing of compiling.
     assert not any("_orig_mod" in name for name in compiled.state_dict())
-    assert "compile" not in compiled.hparams
+    assert "compile" not in compiled.model.spec
 
 
 def test_gpu_config_trains_in_mixed_precision(tmp_path):

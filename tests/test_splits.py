@@ -149,7 +149,7 @@ def test_balanced_sampler_draws_rare_classes_as_often_as_common_ones(tiny_sem_di
             image = Image.open(extra).rotate(90 * (copy + 1), expand=True)
             save_jpeg(image, root / "Tips" / f"{extra.stem}_rot{copy}.jpg", quality=90)
     datamodule = SEMDataModule(
-        split_manifest(root), num_workers=0, sampler="balanced", batch_size=64
+        split_manifest(root), {}, num_workers=0, sampler="balanced", batch_size=64
     )
     counts = datamodule.class_counts("train")
     tips = datamodule.class_names.index("Tips")

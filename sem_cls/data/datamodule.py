@@ -2,7 +2,6 @@
 backbone's cached features."""
 
 import logging
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -10,8 +9,6 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from sem_cls.data.augment import sem_train_transform
-from sem_cls.data.engines import ENGINES, create_engine
-from sem_cls.data.features import FeatureCache
 from sem_cls.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from sem_cls.data.ingest import INGEST_VERSION
 from sem_cls.data.manifest import SPLITS, SplitManifest
@@ -54,21 +51,20 @@ class EpochBalancedDraw(EpochSeeded, WeightedRandomSampler):
 class SEMDataModule(L.LightningDataModule):
     """Loaders of the train/val/test images of a `SplitManifest`, and of further named test sets.
 
-    The transform follows the backbone's own data config, set through `attach_model` before
-    `setup`. With a frozen backbone and `cache_features`, `setup` extracts its features of every
-    set the stage reads (once per image: see FeatureCache), and batches are
-    {"features": (B, num_features), "label": (B,)} instead of {"image": (B, 3, H, W), ...}.
+    The transform follows the backbone's own `data_config`. Given a `feature_extractor` (a
+    frozen backbone's engine and feature cache, sem_cls.models.engines.FeatureExtractor), `setup`
+    has it extract the features of every set the stage reads (once per image: see FeatureCache),
+    and batches are {"features": (B, num_features), ...} instead of {"image": (B, 3, H, W), ...};
+    both with "label" (B,) and "index" (B,), the images' places in their set.
     """
 
     def __init__(
         self,
         manifest: SplitManifest,
+        data_config: dict,
+        feature_extractor=None,
         batch_size: int = 32,
         num_workers: int = 2,
-        cache_features: bool = True,
-        cache_dir: str | None = None,
-        bf16: bool = True,
-        engine: str = "torch",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         sampler: str = "none",
         augment: dict | None = None,
@@ -78,16 +74,11 @@ class SEMDataModule(L.LightningDataModule):
         super().__init__()
         if sampler not in SAMPLERS:
             raise UserError(f"data.sampler={sampler!r} is not one of {list(SAMPLERS)}.")
-        if engine not in ENGINES:
-            raise UserError(f"data.engine={engine!r} is not one of {list(ENGINES)}.")
         self.manifest = manifest
+        self.data_config = dict(data_config)
+        self.feature_extractor = feature_extractor
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.cache_features = cache_features
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.feature_cache = FeatureCache(self.cache_dir / "features") if cache_dir else None
-        self.bf16 = bf16
-        self.engine = engine
         self.max_pixels = check_max_pixels(max_pixels)
         self.sampler = sampler
         self.seed = seed  # of each epoch's training order, with the epoch number
@@ -98,24 +89,25 @@ class SEMDataModule(L.LightningDataModule):
         self.samples: dict[str, list[Sample]] = {name: manifest.samples(name) for name in SPLITS}
         self.samples.update(test_sets or {})
         self.test_set_names = ["test", *(test_sets or {})]
-        self.data_config: dict | None = None
-        # Set to the model when its backbone's features will do for it: batches are then those.
-        self.frozen_model = None
         self.features: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_config(
-        cls, manifest: SplitManifest, data, test_sets: dict[str, list[Sample]] | None = None
+        cls,
+        manifest: SplitManifest,
+        data,
+        data_config: dict,
+        feature_extractor=None,
+        test_sets: dict[str, list[Sample]] | None = None,
     ) -> "SEMDataModule":
-        """The loaders of `manifest` with the loader settings of a `data` config."""
+        """The loaders of `manifest` with the loader settings of a `data` config, for a backbone
+        of `data_config`, of cached features with a `feature_extractor`."""
         return cls(
             manifest,
+            data_config,
+            feature_extractor,
             batch_size=data.batch_size,
             num_workers=data.num_workers,
-            cache_features=data.cache_features,
-            cache_dir=data.get("cache_dir"),
-            bf16=data.bf16,
-            engine=data.get("engine", "torch"),
             max_pixels=data.max_pixels,
             sampler=data.sampler,
             augment=data.get("augment"),
@@ -127,40 +119,6 @@ class SEMDataModule(L.LightningDataModule):
     def class_names(self) -> list[str]:
         return self.manifest.class_names
 
-    def attach_model(self, model) -> None:
-        """Use the model's input size and normalisation, and its cached features where they do
-        for it (a frozen backbone, no test-time augmentation)."""
-        self.data_config = model.data_config
-        self.frozen_model = model if model.takes_features else None
-        if self.engine != "torch" and not model.frozen:
-            raise UserError(
-                f"data.engine={self.engine} serves a frozen backbone's feature extraction; "
-                f"model.freeze={model.hparams.freeze!r} fine-tunes it, which runs on torch. Set "
-                "data.engine=torch, or model.freeze=all for a linear probe."
-            )
-
-    def feature_engine(self):
-        """The frozen model's feature engine (data.engine), built on first use, once the
-        backbone sits on its device; the model runs its backbone with it too."""
-        model = self.frozen_model
-        if model.engine is None:
-            on_gpu = next(model.backbone.parameters()).device.type != "cpu"
-            kind = self.engine
-            if kind != "torch" and on_gpu:
-                log.warning("data.engine=%s runs on CPU only; this GPU run uses torch.", kind)
-                kind = "torch"
-            model.use_engine(
-                create_engine(
-                    kind,
-                    model.backbone,
-                    tuple(self.data_config["input_size"]),
-                    self.bf16,
-                    self.cache_dir / "engines" if self.cache_dir else None,
-                    self.feature_cache.weights(model.backbone) if self.feature_cache else None,
-                )
-            )
-        return model.engine
-
     def class_counts(self, split: str) -> np.ndarray:
         """Images per class in `split`, in class-index order."""
         labels = [sample.label for sample in self.samples[split]]
@@ -171,20 +129,15 @@ class SEMDataModule(L.LightningDataModule):
         return {"class_names": self.class_names, "split_fingerprint": self.manifest.fingerprint()}
 
     def setup(self, stage: str | None = None) -> None:
-        """Transforms from the backbone's data config; with the cache on, the backbone's features
-        of every set `stage` reads. Lightning runs this on every rank once DDP has started, so
-        the ranks share the extraction."""
-        if self.data_config is None:
-            raise RuntimeError("Set SEMDataModule.data_config from the backbone before setup().")
+        """Transforms from the backbone's data config; with a feature extractor, the backbone's
+        features of every set `stage` reads. Lightning runs this on every rank once DDP has
+        started, so the ranks share the extraction."""
         # Frozen-backbone baseline: the evaluation transform (resize + centre crop) for every split.
         self.transform, self.decode_side = eval_preprocessing(self.data_config)
         self.train_transform = (
             sem_train_transform(self.data_config, **self.augment) if self.augment else None
         )
-        self.use_cache = bool(
-            self.frozen_model is not None and self.cache_features and self.feature_cache
-        )
-        if not self.use_cache:
+        if self.feature_extractor is None:
             log.info("Feature cache off: the backbone runs on every batch of every epoch.")
             return
         # Augmented images change every epoch: no cached features for them.
@@ -206,11 +159,7 @@ class SEMDataModule(L.LightningDataModule):
                 "transform": repr(self.transform),
             }
             strategy = self.trainer.strategy if self.trainer is not None else None
-            if strategy is not None:
-                # setup() runs before the strategy moves the model: extract where it will run.
-                self.frozen_model.backbone.to(strategy.root_device)
-            self.features[name] = self.feature_cache.features(
-                self.feature_engine(),
+            self.features[name] = self.feature_extractor.features(
                 preprocessing,
                 self.image_dataset(samples),
                 # Content and crop: the same bytes cropped otherwise give other features.
@@ -242,7 +191,7 @@ class SEMDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         # Page-locked batches copy to a GPU asynchronously; on CPU pinning is wasted work.
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        if self.use_cache and not (train and self.train_transform):
+        if self.feature_extractor is not None and not (train and self.train_transform):
             if name not in self.features:
                 raise RuntimeError(f"setup() extracted no features of {name!r} for this stage.")
             # Rows of a memory-mapped matrix: cheaper to read in-process than to ship to workers.
@@ -263,6 +212,20 @@ class SEMDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=on_gpu,
             worker_init_fn=worker_init_fn,  # workers end with this process; seeded as Lightning's
+        )
+
+    def unshuffled_loader(self, name: str) -> DataLoader:
+        """Every item of set `name` once, in order, unaugmented: its extracted features, or its
+        images under the evaluation transform. Drawn with a private generator, so reading it
+        leaves the global RNG (which a resumed run restored) where it was."""
+        if name in self.features:
+            return self.loader(name)
+        return DataLoader(
+            self.image_dataset(self.samples[name]),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            generator=torch.Generator(),
+            worker_init_fn=worker_init_fn,
         )
 
     def train_dataloader(self) -> DataLoader:

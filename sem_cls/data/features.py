@@ -56,7 +56,7 @@ def weights_digest(module: nn.Module) -> str:
 def extract_features(
     engine, dataset: Dataset, batch_size: int, num_workers: int, out: np.ndarray
 ) -> None:
-    """Run a feature `engine` (sem_cls.data.engines) over `dataset` ({"image": ...} items) in
+    """Run a feature `engine` (sem_cls.models.engines) over `dataset` ({"image": ...} items) in
     order, writing (N, num_features) rows into `out`."""
     device = engine.device
     # A private generator: extracting must not shift the global RNG, or the shuffling of the
@@ -218,7 +218,7 @@ class FeatureCache:
         strategy=None,
     ) -> np.ndarray:
         """(N, num_features) features of `dataset`'s images by a feature `engine`
-        (sem_cls.data.engines), memory-mapped; computed on a miss.
+        (sem_cls.models.engines), memory-mapped; computed on a miss.
 
         With a distributed Lightning `strategy`, every rank must call this with the same
         arguments: the extraction is shared among them (see `_extract_sharded`).

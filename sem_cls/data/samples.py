@@ -1,5 +1,6 @@
 """What the loaders read: a `Sample` per image, and the datasets over samples (images or cached
-features), each item a dict that says what it holds."""
+features), each item a dict that says what it holds and its index in the set, by which
+predictions gathered from every DDP rank are put back in the set's order (`in_set_order`)."""
 
 from pathlib import Path
 from typing import NamedTuple
@@ -24,7 +25,7 @@ class Sample(NamedTuple):
 
 class SEMImageDataset(Dataset):
     """Reads an image, crops its recorded info-bar box, applies the backbone's transform:
-    {"image": (3, H, W), "label": int}.
+    {"image": (3, H, W), "label": int, "index": int}.
 
     JPEGs are decoded at the smallest power-of-two reduction that keeps `min_side` pixels, which
     is several times cheaper than decoding 1024x768 and resizing away most of it.
@@ -45,11 +46,12 @@ class SEMImageDataset(Dataset):
         box = scale_box(sample.crop_box, size, image.size)
         if box != (0, 0, *image.size):
             image = image.crop(box)
-        return {"image": self.transform(image), "label": sample.label}
+        return {"image": self.transform(image), "label": sample.label, "index": index}
 
 
 class FeatureDataset(Dataset):
-    """{"features": (num_features,), "label": int} from a memory-mapped (N, num_features) matrix."""
+    """{"features": (num_features,), "label": int, "index": int} from a memory-mapped
+    (N, num_features) matrix."""
 
     def __init__(self, features: np.ndarray, labels: list[int]):
         self.features = features
@@ -59,7 +61,8 @@ class FeatureDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        return {"features": torch.from_numpy(np.array(self.features[index])), "label": self.labels[index]}
+        features = torch.from_numpy(np.array(self.features[index]))
+        return {"features": features, "label": self.labels[index], "index": index}
 
 
 def eval_preprocessing(data_config: dict):
@@ -70,3 +73,22 @@ def eval_preprocessing(data_config: dict):
     # bar (8% of the height), so the crop is still downsampled, not blown up.
     resized_side = data_config["input_size"][-1] / data_config["crop_pct"]
     return transform, int(resized_side * 1.1)
+
+
+def in_set_order(module, outputs: list[dict]) -> dict[str, torch.Tensor]:
+    """Step outputs of an evaluation pass ({"index": (B,), name: (B, ...)}), gathered from every
+    rank of `module` (a LightningModule) and placed by sample index: name -> (N, ...), each image
+    once. Under DDP a DistributedSampler pads the ranks' shares with repeats of a few images;
+    they land on their own row again (as DINOv2's linear evaluation gathers)."""
+    if not outputs:
+        return {}
+    local = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
+    gathered = {key: module.all_gather(value) for key, value in local.items()}
+    if module.trainer.world_size > 1:  # (world, n, ...) -> (world * n, ...)
+        gathered = {key: value.flatten(0, 1) for key, value in gathered.items()}
+    index = gathered.pop("index").long()
+    size = int(index.max()) + 1
+    return {
+        key: value.new_zeros((size, *value.shape[1:])).index_copy_(0, index, value)
+        for key, value in gathered.items()
+    }

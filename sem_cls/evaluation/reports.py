@@ -161,6 +161,19 @@ def plot_mistakes(
     return path
 
 
+def image_decisions(
+    probs: np.ndarray,
+    class_names: list[str],
+    novelty: np.ndarray | None,
+    novelty_threshold: float,
+) -> tuple[list[str], np.ndarray | None]:
+    """Per image: the predicted class, and whether it is `unknown` (past the novelty threshold;
+    None without novelty scores). The one place evaluation turns probabilities into decisions."""
+    predicted = [class_names[int(label)] for label in probs.argmax(axis=1)]
+    unknown = None if novelty is None else novelty > novelty_threshold
+    return predicted, unknown
+
+
 def write_predictions_csv(
     path: Path,
     targets: np.ndarray,
@@ -174,6 +187,7 @@ def write_predictions_csv(
     """One row per image: path, true and predicted class, confidence, the top k with their
     probabilities; with `novelty`, each image's score and whether it passes the threshold."""
     classes, values = score_lib.top_k(probs, k)
+    predicted, unknown = image_decisions(probs, class_names, novelty, novelty_threshold)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         header = ["path", "true_class", "predicted_class", "confidence", "correct"]
@@ -185,15 +199,12 @@ def write_predictions_csv(
         for index, (image, target, top, top_probs) in enumerate(
             zip(image_paths, targets, classes, values, strict=True)
         ):
-            row = [image, class_names[target], class_names[top[0]], f"{top_probs[0]:.6f}"]
-            row.append(str(bool(top[0] == target)).lower())
+            row = [image, class_names[target], predicted[index], f"{top_probs[0]:.6f}"]
+            row.append(str(bool(predicted[index] == class_names[target])).lower())
             for label, prob in zip(top, top_probs, strict=True):
                 row += [class_names[label], f"{prob:.6f}"]
             if novelty is not None:
-                row += [
-                    f"{novelty[index]:.6f}",
-                    str(bool(novelty[index] > novelty_threshold)).lower(),
-                ]
+                row += [f"{novelty[index]:.6f}", str(bool(unknown[index])).lower()]
             writer.writerow(row)
     return path
 

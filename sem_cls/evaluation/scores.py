@@ -4,14 +4,14 @@ intervals, calibration. Numbers only; reports.py writes them to files."""
 import numpy as np
 import torch
 from scipy.stats import bootstrap
-from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
+from sklearn.metrics import accuracy_score, f1_score, recall_score, top_k_accuracy_score
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 
 def f1_macro(targets: np.ndarray, preds: np.ndarray) -> float:
-    """Macro-F1 over the classes present in the targets or the predictions, as torchmetrics
-    computes `*/f1_macro`: a class absent from both (an external set holding a few classes, or
-    a bootstrap resample) says nothing about the model and does not pull the mean down."""
+    """Macro-F1 over the classes present in the targets or the predictions: a class absent from
+    both (an external set holding a few classes, or a bootstrap resample) says nothing about
+    the model and does not pull the mean down."""
     present = np.union1d(targets, preds)
     return float(f1_score(targets, preds, labels=present, average="macro", zero_division=0))
 
@@ -93,6 +93,18 @@ def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, probs.shape[1])
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(probs, order, axis=1)
+
+
+def class_recall(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) recall of each class; 0 for a class with no image in the split."""
+    labels = np.arange(num_classes)
+    return recall_score(targets, preds, labels=labels, average=None, zero_division=0)
+
+
+def validation_scores(targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """What every validation epoch logs (`val/<name>`): accuracy and macro-F1."""
+    preds = probs.argmax(axis=1)
+    return {"acc": float(accuracy_score(targets, preds)), "f1_macro": f1_macro(targets, preds)}
 
 
 def split_scores(

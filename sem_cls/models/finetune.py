@@ -13,8 +13,6 @@ from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from sem_cls.errors import UserError
-
 HEADS = ("linear", "mlp")
 
 
@@ -26,10 +24,8 @@ def trainable_stage_count(freeze, stage_count: int) -> int:
         return stage_count
     if isinstance(freeze, int) and not isinstance(freeze, bool) and freeze >= 0:
         return min(freeze, stage_count)
-    raise UserError(
-        f"model.freeze={freeze!r} must be 'all' (linear probe), 'none' (fine-tune everything) "
-        f"or a number of last backbone stages to fine-tune (0-{stage_count})."
-    )
+    # The config schema admits all | none | N >= 0 only.
+    raise ValueError(f"freeze={freeze!r} is not 'all', 'none' or a number of stages.")
 
 
 def backbone_stages(backbone: nn.Module) -> list[list[str]]:
@@ -49,8 +45,8 @@ def freeze_stages(backbone: nn.Module, stages: list[list[str]], learning: int) -
 
 
 def make_head(kind: str, in_features: int, num_classes: int, hidden: int, dropout: float):
-    if kind not in HEADS:
-        raise UserError(f"model.head={kind!r} is not one of {list(HEADS)}.")
+    if kind not in HEADS:  # the config schema admits HEADS only
+        raise ValueError(f"head={kind!r} is not one of {list(HEADS)}.")
     output = nn.Linear(hidden if kind == "mlp" else in_features, num_classes)
     # Linear-probe init for the output layer: small weights, zero bias.
     nn.init.normal_(output.weight, std=0.01)

@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sem_cls.data.engines import TorchEngine
 from sem_cls.data.images import DEFAULT_MAX_PIXELS
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import check_image
 from sem_cls.data.samples import Sample, SEMImageDataset, eval_preprocessing
 from sem_cls.data.workers import worker_init_fn
+from sem_cls.models.engines import TorchEngine
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,12 @@ def classify_files(
     num_workers: int = 0,
     bf16: bool = True,
     progress: bool = True,
+    engine=None,
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(N, num_classes) temperature-scaled class probabilities of `files`, NaN for a file that
     could not be read, each file's error ("" when read), and (N,) novelty scores (NaN where
-    unread, or for a model without novelty references)."""
+    unread, or for a model without novelty references). `engine` (sem_cls.models.engines) runs a
+    frozen backbone; by default torch, bf16 with `bf16` where native."""
     dataset = ImagesToClassify(files, model.data_config, info_bar, max_pixels)
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init_fn
@@ -73,16 +75,16 @@ def classify_files(
     device = next(model.parameters()).device
     # A frozen backbone runs as the feature cache ran it for training and evaluation (its
     # engine, bf16 with data.bf16), so the head sees the features it was fit on.
-    engine = (model.engine or TorchEngine(model.backbone, bf16)) if model.frozen else None
+    engine = (engine or TorchEngine(model.backbone, bf16)) if model.frozen else None
     probs, errors, novelty = [], [], []
     bar = tqdm(total=len(files), desc="Classifying", unit="image", disable=not progress)
     with torch.inference_mode(), bar:
         for images, batch_errors in loader:
             images = images.to(device)
             # (B, 3, H, W) -> (B, num_features)
-            features = engine(images) if engine else model.backbone_features(images)[0]
+            features = engine(images) if engine else model.features(images)
             features = features.to(device).float()
-            probs.append(model.calibrated(model.head(features)).cpu())
+            probs.append(model.probabilities(model.head(features)).cpu())
             novelty.append(model.novelty(features).cpu())
             errors += batch_errors
             bar.update(len(images))

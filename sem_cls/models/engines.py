@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sem_cls.data.features import FeatureCache, weights_digest
 from sem_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -191,10 +192,10 @@ def create_engine(
 ):
     """The engine `kind` for a frozen backbone. `weights` is the backbone's weights digest
     (sem_cls.data.features.weights_digest), which keys the OpenVINO model cache."""
-    if kind not in ENGINES:
-        raise UserError(f"data.engine={kind!r} is not one of {list(ENGINES)}.")
     if kind == "torch":
         return TorchEngine(backbone, bf16)
+    if kind != "openvino":  # the config schema admits ENGINES only
+        raise ValueError(f"Unknown feature engine {kind!r}; one of {list(ENGINES)}.")
     device = next(backbone.parameters()).device
     if device.type != "cpu":
         raise UserError(
@@ -202,7 +203,68 @@ def create_engine(
             "Set data.engine=torch for GPU runs."
         )
     if weights is None:
-        from sem_cls.data.features import weights_digest
-
         weights = weights_digest(backbone)
     return OpenVINOEngine(backbone, input_size, bf16, cache_dir, weights, threads)
+
+
+class FeatureExtractor:
+    """A frozen backbone's features for the loaders: the engine that runs it (`kind`, one of
+    ENGINES) and the FeatureCache that keeps them. The entry points build it from the `data`
+    config and hand it to the datamodule; the engine is made on first use, once the backbone
+    sits on the device the run extracts on."""
+
+    def __init__(
+        self,
+        kind: str,
+        backbone: nn.Module,
+        input_size: tuple[int, int, int],
+        bf16: bool,
+        cache: FeatureCache,
+        engine_dir: Path | None = None,
+    ):
+        self.kind, self.backbone, self.input_size = kind, backbone, tuple(input_size)
+        self.bf16, self.cache, self.engine_dir = bf16, cache, engine_dir
+        self.engine = None
+
+    @classmethod
+    def from_config(cls, data, model) -> "FeatureExtractor | None":
+        """The extractor of `data.engine` for a frozen SEMModel with `data.cache_features` and a
+        `data.cache_dir`; None where batches must be images (the backbone runs on each)."""
+        cache_dir = data.get("cache_dir")
+        if not (model.frozen and data.cache_features and cache_dir):
+            log.info("Feature cache off: the backbone runs on every batch of every epoch.")
+            return None
+        cache = FeatureCache(Path(cache_dir) / "features")
+        input_size = model.data_config["input_size"]
+        engine_dir = Path(cache_dir) / "engines"
+        return cls(
+            data.get("engine", "torch"), model.backbone, input_size, data.bf16, cache, engine_dir
+        )
+
+    def get_engine(self):
+        """The engine, built on first use where the backbone now sits (torch on a GPU)."""
+        if self.engine is None:
+            kind = self.kind
+            if kind != "torch" and next(self.backbone.parameters()).device.type != "cpu":
+                log.warning("data.engine=%s runs on CPU only; this GPU run uses torch.", kind)
+                kind = "torch"
+            weights = self.cache.weights(self.backbone)
+            self.engine = create_engine(
+                kind, self.backbone, self.input_size, self.bf16, self.engine_dir, weights
+            )
+        return self.engine
+
+    def features(
+        self, preprocessing: dict, dataset, image_digests: list[str], batch_size: int,
+        num_workers: int, strategy=None,
+    ) -> np.ndarray:  # fmt: skip
+        """(N, num_features) features of `dataset`'s images, from the cache or extracted into
+        it; under DDP (`strategy`) the ranks share the extraction."""
+        if strategy is not None:
+            # The datamodule's setup runs before the strategy moves the model: extract where
+            # the model will run.
+            self.backbone.to(strategy.root_device)
+        return self.cache.features(
+            self.get_engine(), preprocessing, dataset, image_digests,
+            batch_size=batch_size, num_workers=num_workers, strategy=strategy,
+        )  # fmt: skip
