@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from lightning import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from sem_cls.data.samples import in_set_order
 from sem_cls.data.metric_keys import metric_key
+from sem_cls.data.samples import in_set_order
 from sem_cls.errors import UserError
 from sem_cls.evaluation.reports import write_evaluation, write_reports
 from sem_cls.evaluation.scores import (
