@@ -40,14 +40,14 @@ def test_eval_config_passes_its_schema_and_asks_for_the_checkpoint(tmp_path):
         check_config(compose_config("eval", tmp_path))
 
 
-def test_a_model_built_from_the_config_saves_hyperparameters_that_load_safely(tmp_path):
+def test_a_model_built_from_the_config_saves_a_spec_that_loads_safely(tmp_path):
     # Choices (head, class_weighting) reach the model as plain strings: a checkpoint holding
-    # any other type in its hyperparameters would not load with weights_only=True.
+    # any other type in its spec would not load with weights_only=True.
     overrides = ["model.backbone=test_efficientnet", "model.pretrained=false", "model.head=mlp"]
     cfg = compose_config("train", tmp_path, overrides)
     classifier = hydra.utils.instantiate(cfg.model, class_names=["a", "b"], _convert_="all")
-    torch.save(dict(classifier.hparams), tmp_path / "hparams.pt")
-    loaded = torch.load(tmp_path / "hparams.pt", weights_only=True)
+    torch.save(classifier.model.spec, tmp_path / "spec.pt")  # what checkpoints carry
+    loaded = torch.load(tmp_path / "spec.pt", weights_only=True)
     assert loaded["head"] == "mlp"
 
 
