@@ -1,14 +1,15 @@
 """How a trained model is applied: one record shared by predict, the page, the MLflow model and
 eval's per-image predictions, so every surface accepts and refuses the same values."""
 
+import re
 from dataclasses import dataclass, fields
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from sem_cls.errors import UserError
 
 
-class Engine(str, Enum):
+class Engine(StrEnum):
     """What runs a frozen backbone (sem_cls.models.engines)."""
 
     torch = "torch"
@@ -34,6 +35,11 @@ class PredictorSettings:
 
     def __post_init__(self) -> None:
         check_predictor_settings(self)
+
+    @classmethod
+    def from_config(cls, cfg) -> "PredictorSettings":
+        """Settings from a composed config holding conf/predictor's keys at the top level."""
+        return cls(**{field.name: cfg[field.name] for field in fields(cls) if field.name in cfg})
 
     @classmethod
     def from_params(cls, params: dict | None, **defaults) -> "PredictorSettings":
@@ -72,3 +78,16 @@ def check_predictor_settings(settings) -> None:
     engine = settings.engine
     if engine is not None and str(getattr(engine, "value", engine)) not in Engine.__members__:
         raise UserError(f"engine={engine!r} is not one of {list(Engine.__members__)}.")
+    info_bar = settings.info_bar
+    if info_bar not in (None, "auto", "none") and (
+        isinstance(info_bar, bool) or not (isinstance(info_bar, int) and info_bar >= 0)
+    ):
+        raise UserError(
+            f"info_bar={info_bar!r}: give auto (find the bar), none (keep the whole image), a "
+            "number of bottom rows to cut, or null (as in training)."
+        )
+    if settings.bf16 is not None and not isinstance(settings.bf16, bool):
+        raise UserError(f"bf16={settings.bf16!r} must be true, false or null (as in training).")
+    device = settings.device
+    if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
+        raise UserError(f"device={device!r}: give auto (cuda when there is one), cpu or cuda[:N].")
