@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 PREDICTIONS_HEADER = "path,predicted_class,confidence"
 
 
-def image_files(inputs) -> tuple[list[Path], list[Path]]:
+def image_files(inputs) -> list[Path]:
+    """Image files of `inputs` (collect_inputs)."""
+    return collect_inputs(inputs)[0]
+
+
+def collect_inputs(inputs) -> tuple[list[Path], list[Path]]:
     """Image files of `inputs`, and the files of its folders left out as no image by their
     suffix. Folders are walked as ingest walks them (recursively, following links; a symlink
     loop is listed, to be reported); files named one by one are taken whatever their suffix (a
@@ -148,7 +153,7 @@ def predict(cfg) -> Path:
     lock = output_lock(output)
     try:
         check_output(output)  # before the work, so a refusal costs nothing
-        files, left_out = image_files(cfg.inputs)
+        files, left_out = collect_inputs(cfg.inputs)
         from sem_cls.predictor import Predictor
 
         predictor = Predictor.load(

@@ -1,7 +1,7 @@
 """Predictor: a trained model applied to new images, the one path the predict CLI, the demo page
 and the MLflow model (REST) all take. Each image is checked as ingest checks it, its info bar
-cropped, the backbone's eval transform applied; `prediction_rows` is the one place that decides
-class, `uncertain` or `unknown`, and eval's per-image predictions call it too.
+cropped, the backbone's eval transform applied; the class, `uncertain` or `unknown` is decided
+by sem_cls.config.predictor.prediction_rows, which eval's per-image predictions call too.
 
 It imports neither Lightning nor torchmetrics: loading a model and classifying an image costs
 torch, timm and the model's weights, no more.
@@ -10,7 +10,6 @@ torch, timm and the model's weights, no more.
 import dataclasses
 import io
 import logging
-import math
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sem_cls.config.predictor import PredictorSettings
+from sem_cls.config.predictor import (  # noqa: F401 -- the decision, for every surface
+    UNCERTAIN,
+    UNKNOWN,
+    PredictorSettings,
+    check_top_k,
+    prediction_rows,
+)
 from sem_cls.data.engines import TorchEngine, create_engine
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import check_image
@@ -30,8 +35,6 @@ from sem_cls.models.model import SEMModel
 
 log = logging.getLogger(__name__)
 
-UNCERTAIN = "uncertain"
-UNKNOWN = "unknown"  # unlike the training images (sem_cls.models.novelty)
 # Settings that shape the loaded engine: fixed for a Predictor's life.
 LOAD_SETTINGS = ("engine", "bf16", "device")
 
@@ -65,68 +68,6 @@ class ImagesToClassify(Dataset):
             return torch.zeros(self.shape), f"{type(err).__name__}: {err}"
 
 
-def _number(value) -> float | None:
-    """A float, or None where there is none (NaN): rows go to JSON and CSV as they are."""
-    return None if value is None or math.isnan(value) else float(value)
-
-
-def prediction_rows(
-    paths: list,
-    probabilities: np.ndarray,
-    novelty: np.ndarray | None,
-    errors: list[str],
-    *,
-    class_names: list[str],
-    novelty_threshold: float | None,
-    settings: PredictorSettings,
-) -> list[dict]:
-    """One row per image, the one decision of the project: `unknown` past the novelty threshold
-    (when novelty is on and the model has one), `uncertain` below min_confidence, else the most
-    probable class; "" and the error for an image that could not be read.
-
-    probabilities: (N, num_classes), NaN rows where unread; novelty: (N,) scores, NaN where not
-    scored, or None. Row: path, predicted_class, confidence, novelty (None when not scored),
-    top_k [(class, probability)], probabilities {class: probability}, error.
-    """
-    if settings.top_k > len(class_names):
-        raise UserError(
-            f"top_k={settings.top_k}, but the model knows {len(class_names)} classes: give "
-            f"1 to {len(class_names)}."
-        )
-    scored = settings.novelty and novelty is not None
-    threshold = _number(novelty_threshold) if scored else None
-    rows = []
-    for index, (path, error) in enumerate(zip(paths, errors, strict=True)):
-        row = probabilities[index]
-        if error or np.isnan(row).any():
-            rows.append(
-                {"path": str(path), "predicted_class": "", "confidence": None, "novelty": None,
-                 "top_k": [], "probabilities": None, "error": error or "no probabilities"}
-            )  # fmt: skip
-            continue
-        score = _number(novelty[index]) if scored else None
-        order = np.argsort(-row, kind="stable")[: settings.top_k]
-        confidence = float(row[order[0]])
-        if threshold is not None and score is not None and score > threshold:
-            decision = UNKNOWN
-        elif settings.min_confidence is not None and confidence < settings.min_confidence:
-            decision = UNCERTAIN
-        else:
-            decision = class_names[int(order[0])]
-        rows.append(
-            {
-                "path": str(path),
-                "predicted_class": decision,
-                "confidence": confidence,
-                "novelty": score,
-                "top_k": [(class_names[int(i)], float(row[i])) for i in order],
-                "probabilities": dict(zip(class_names, map(float, row), strict=True)),
-                "error": "",
-            }
-        )
-    return rows
-
-
 class Predictor:
     """A loaded SEMModel, its engine and the settings it applies (PredictorSettings, with unset
     preprocessing taken from what the model recorded of its training)."""
@@ -139,11 +80,7 @@ class Predictor:
         cache_dir: str | Path | None = None,
     ):
         recorded = recorded or {}
-        if settings.top_k > len(model.class_names):
-            raise UserError(
-                f"top_k={settings.top_k}, but the model knows {len(model.class_names)} classes: "
-                f"give 1 to {len(model.class_names)}."
-            )
+        check_top_k(settings, len(model.class_names))
         # Unset preprocessing follows what an MLflow model recorded of its training; a .ckpt
         # file records nothing, and gets training's defaults.
         resolved = {

@@ -12,8 +12,6 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sem_cls.tracking import experiment_for, summarize_sweep, sweep_id
-
 log = logging.getLogger(__name__)
 
 
@@ -27,6 +25,10 @@ class SweepTracking(Callback):
         self.direction = getattr(direction, "name", direction)  # Optuna's enum, or a string
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # Imported here: every entry point's config holds this callback, and sem_cls.tracking
+        # imports Lightning, which a single run of predict or the page never needs.
+        from sem_cls.tracking import experiment_for
+
         # Parallel jobs that find no database or no experiment each create it; SQLite then sees
         # two schema migrations at once, and all but one job fail. One creation, before any.
         mlflow_cfg = OmegaConf.select(config, "logger.mlflow")
@@ -34,6 +36,8 @@ class SweepTracking(Callback):
             experiment_for(mlflow_cfg)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from sem_cls.tracking import summarize_sweep, sweep_id
+
         mlflow_cfg = OmegaConf.select(config, "logger.mlflow")
         if mlflow_cfg is None or self.metric is None:
             return

@@ -15,10 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from sem_cls.errors import UserError
-from sem_cls.models import backbones, finetune
 from sem_cls.models.model import SEMModel
 
 log = logging.getLogger(__name__)
@@ -57,15 +55,6 @@ def read_checkpoint(path: Path, option: str = "ckpt_path") -> dict:
     return checkpoint
 
 
-def _backbone(spec: dict) -> nn.Module:
-    """The timm backbone of `spec`, random weights (the checkpoint overwrites every one)."""
-    extra = {"aux_logits": True} if spec.get("aux_logits") else {}
-    backbone = backbones.create_backbone(spec["backbone"], pretrained=False, **extra)
-    if spec.get("aux_logits"):
-        backbone.AuxLogits.fc = nn.Identity()  # as training had it: its own head took the logits
-    return backbone.to(memory_format=torch.channels_last)
-
-
 def _earlier_layout(checkpoint: dict) -> tuple[dict, dict]:
     """Spec and SEMModel state of a checkpoint whose LightningModule was the classifier."""
     hparams = checkpoint["hyper_parameters"]
@@ -98,22 +87,7 @@ def model_from_checkpoint(checkpoint: dict) -> SEMModel:
         }
     else:
         spec, state = _earlier_layout(checkpoint)
-    backbone = _backbone(spec)
-    if "frozen" not in spec:
-        stages = finetune.backbone_stages(backbone)
-        spec["frozen"] = finetune.trainable_stage_count(spec["freeze"], len(stages)) == 0
-    if "data_config" not in spec:
-        from timm.data import resolve_model_data_config
-
-        spec["data_config"] = resolve_model_data_config(backbone)
-    head = finetune.make_head(
-        spec.get("head", "linear"),
-        backbone.num_features,
-        len(spec["class_names"]),
-        spec.get("head_hidden", 512),
-        spec.get("head_dropout", 0.0),
-    )
-    model = SEMModel(backbone, head, spec)
+    model = SEMModel.from_spec(spec)
     # Checkpoints from before calibration and novelty: temperature 1, no references.
     for name in FITTED_BUFFERS:
         state.setdefault(name, getattr(model, name))

@@ -29,6 +29,36 @@ class SEMModel(nn.Module):
         self.register_buffer("novelty_references", torch.zeros(0, backbone.num_features).half())
         self.register_buffer("novelty_threshold", torch.tensor(float("nan")))
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> "SEMModel":
+        """A model of `spec`'s shape with random weights, to load a state dict into (timm builds
+        the backbone without fetching any). Fills in what an earlier spec lacks: `frozen` from
+        `freeze` (default: all), `data_config` from the backbone."""
+        from sem_cls.models import backbones, finetune
+
+        spec = dict(spec)
+        extra = {"aux_logits": True} if spec.get("aux_logits") else {}
+        backbone = backbones.create_backbone(spec["backbone"], pretrained=False, **extra)
+        if spec.get("aux_logits"):
+            backbone.AuxLogits.fc = nn.Identity()  # as in training: its own head took the logits
+        backbone = backbone.to(memory_format=torch.channels_last)
+        if "frozen" not in spec:
+            stages = finetune.backbone_stages(backbone)
+            learning = finetune.trainable_stage_count(spec.get("freeze", True), len(stages))
+            spec["frozen"] = learning == 0
+        if "data_config" not in spec:
+            from timm.data import resolve_model_data_config
+
+            spec["data_config"] = resolve_model_data_config(backbone)
+        head = finetune.make_head(
+            spec.get("head", "linear"),
+            backbone.num_features,
+            len(spec["class_names"]),
+            spec.get("head_hidden", 512),
+            spec.get("head_dropout", 0.0),
+        )
+        return cls(backbone, head, spec)
+
     @property
     def class_names(self) -> list[str]:
         return list(self.spec["class_names"])
