@@ -197,7 +197,9 @@ class Predictor:
         fixed = sorted(name for name in LOAD_SETTINGS if name in options)
         if fixed:
             raise UserError(f"{fixed} are set when the model is loaded, not per request.")
-        return PredictorSettings.from_params(options, **dataclasses.asdict(self.settings))
+        settings = PredictorSettings.from_params(options, **dataclasses.asdict(self.settings))
+        check_top_k(settings, len(self.class_names))
+        return settings
 
     def rows(
         self,
