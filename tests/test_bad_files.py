@@ -90,7 +90,7 @@ def tiny_model():
     from sem_cls.predictor import Predictor
 
     model = SEMModel.from_spec({"class_names": ["A", "B"], "backbone": "test_efficientnet"})
-    return Predictor(model, PredictorSettings(bf16=False, num_workers=0, device="cpu"))
+    return Predictor(model, PredictorSettings(top_k=1, bf16=False, num_workers=0, device="cpu"))
 
 
 @pytest.mark.slow  # 50 examples: about 20 s on an idle machine
