@@ -164,10 +164,12 @@ class Predictor:
         num_classes = len(self.class_names)
         if not files:
             return np.zeros((0, num_classes)), np.zeros(0), []
+        # One batch is read by this process: a worker would only add its start (~0.3 s).
+        workers = settings.num_workers if len(files) > settings.batch_size else 0
         loader = DataLoader(
             self.dataset(files, settings),
             batch_size=settings.batch_size,
-            num_workers=settings.num_workers,
+            num_workers=workers,
             worker_init_fn=worker_init_fn,
         )
         probabilities, novelty, errors = [], [], []
