@@ -150,10 +150,10 @@ def predict(cfg) -> Path:
     """Classify every image of `cfg.inputs` with the model of `cfg.ckpt_path`; write cfg.output."""
     settings = PredictorSettings.from_config(cfg)  # before anything heavy is imported
     output = Path(cfg.output)
+    files, left_out = collect_inputs(cfg.inputs)
     lock = output_lock(output)
     try:
         check_output(output)  # before the work, so a refusal costs nothing
-        files, left_out = collect_inputs(cfg.inputs)
         from sem_cls.predictor import Predictor
 
         predictor = Predictor.load(
