@@ -171,3 +171,29 @@ def test_files_left_out_of_a_folder_are_counted_with_the_reason(
     assert "1 .gif, 1 .txt" in printed
     # Written whole: no partial file beside it.
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_downloaded_mlflow_model_folder_loads_as_its_checkpoint(
+    trained_run, tiny_sem_dir, tmp_path
+):
+    import mlflow
+
+    from sem_cls.predictor import Predictor
+
+    cfg, _, _, run = trained_run
+    folder = mlflow.artifacts.download_artifacts(
+        f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path / "model"),
+        tracking_uri=cfg.logger.mlflow.tracking_uri,
+    )  # fmt: skip
+    images = sorted(tiny_sem_dir.glob("*/*.jpg"))[:3]
+    settings = PredictorSettings(num_workers=0)
+    from_folder = Predictor.load(folder, settings).predict(images)
+    from_file = Predictor.load(best_checkpoint(cfg), settings).predict(images)
+    assert [r["predicted_class"] for r in from_folder] == [r["predicted_class"] for r in from_file]
+    np.testing.assert_allclose(
+        [r["confidence"] for r in from_folder], [r["confidence"] for r in from_file], atol=1e-6
+    )
+    with pytest.raises(UserError, match="not an MLflow model logged by sem-cls"):
+        (tmp_path / "other" / "data").mkdir(parents=True)
+        (tmp_path / "other" / "MLmodel").write_text("flavors: {}\n")
+        Predictor.load(tmp_path / "other", settings)
