@@ -36,7 +36,7 @@ MODEL_NAME = "model"  # runs:/<run id>/model
 # What loading and predicting import; pinned to the versions that trained the model.
 REQUIREMENTS = (
     "torch", "torchvision", "timm", "numpy", "scipy", "pillow", "imagehash", "pandas", "mlflow",
-    "openvino", "filelock",
+    "openvino", "hydra-core", "omegaconf",
 )  # fmt: skip
 EXAMPLE_SIDE = 320  # the input example is a real test image, reduced to keep the artifact small
 
