@@ -76,7 +76,7 @@ serve-model: $(STAMP)  ## REST API of a trained model (MLflow scoring server): M
 		$(VENV)/bin/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(PORT)
 
 app: PORT = 7860
-app: $(STAMP)  ## demo page of a model on http://127.0.0.1:7860: MODEL=models:/<name>@<alias>, runs:/<id>/model or a .ckpt (PORT=, HOST=)
+app: $(STAMP)  ## demo page of a model on http://127.0.0.1:7860: MODEL=models:/<name>@<alias>, runs:/<id>/model or a .ckpt (PORT=, HOST=; another HOST needs SEM_CLS_APP_USER and SEM_CLS_APP_PASSWORD)
 	@test -n "$(MODEL)" || { echo "Give the model: make app MODEL=models:/sem-cls@champion (or runs:/<id>/model, or a .ckpt file)"; exit 2; }
 	GRADIO_ANALYTICS_ENABLED=False $(PY) -m sem_cls.app 'ckpt_path=$(MODEL)' host=$(HOST) port=$(PORT)
 

@@ -1,34 +1,28 @@
-"""A local demo page for a trained model: drop SEM images, see each one's class, its top-k
+"""A demo page for a trained model: drop SEM images, see each one's class, its top-k
 probabilities, the image as the model saw it (info bar cut), a Grad-CAM overlay, and the
 uncertain and unknown flags. The same work is the API endpoint /classify (gradio_client).
 
 python -m sem_cls.app ckpt_path=models:/sem-cls@champion port=7860
 
 It serves 127.0.0.1 by default and reaches nothing beyond it: no analytics, no fonts or
-scripts from the network. Classification is predict's own (classify_files, decide).
+scripts from the network. Another address needs a login (SEM_CLS_APP_USER and
+SEM_CLS_APP_PASSWORD). Classification is the Predictor's (sem_cls.predictor), as predict's;
+settings are checked before torch is imported, so a bad value answers at once.
 """
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-
-from sem_cls.data.images import IMAGE_SUFFIXES
+from sem_cls.config.predictor import PredictorSettings
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error
-from sem_cls.evaluation.saliency import as_seen, grad_cam, overlay
-from sem_cls.models.engines import create_engine
-from sem_cls.models.inference import (
-    ImagesToClassify,
-    classify_files,
-    decide,
-    unknown_images,
-)
-from sem_cls.registry import load_model
 
 TABLE_HEADERS = ["image", "class", "confidence", "top classes", "uncertain", "unknown", "novelty",
                  "error"]  # fmt: skip
+# The login a page on any address but this machine's requires.
+USER_VARIABLE, PASSWORD_VARIABLE = "SEM_CLS_APP_USER", "SEM_CLS_APP_PASSWORD"
 
 
 @dataclass
@@ -40,108 +34,65 @@ class Row:
     top: list[tuple[str, float]]  # the top-k classes, most probable first
     uncertain: bool
     unknown: bool
-    novelty: float  # NaN where not scored (a model without novelty scores, or unread)
+    novelty: float | None  # None where not scored (a model without novelty scores, or unread)
     error: str  # why the file could not be read; "" when read
-    seen: np.ndarray | None = field(
-        default=None, repr=False
-    )  # (H, W, 3) uint8, as the model saw it
-    cam: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8, Grad-CAM overlay
+    seen: Any = field(default=None, repr=False)  # (H, W, 3) uint8 array, as the model saw it
+    cam: Any = field(default=None, repr=False)  # (H, W, 3) uint8 array, Grad-CAM overlay
 
 
 class DemoClassifier:
-    """A loaded model and the settings it classifies with, as predict would use them."""
+    """A Predictor (as predict's) with the page's settings, and the pictures the page shows."""
 
     def __init__(self, cfg):
-        if not (isinstance(cfg.top_k, int) and cfg.top_k >= 1):
-            raise UserError(f"top_k={cfg.top_k}: give the number of classes to list, 1 or more.")
-        threshold = cfg.min_confidence
-        if threshold is not None and not (
-            isinstance(threshold, int | float) and 0 <= threshold <= 1
-        ):
-            raise UserError(
-                f"min_confidence={threshold} is not a probability: give a value from 0 to 1 "
-                "(e.g. 0.5), or null to flag no image uncertain."
-            )
-        model, _, recorded = load_model(cfg.ckpt_path, cfg.get("tracking_uri"))
-        if cfg.top_k > len(model.class_names):
-            raise UserError(
-                f"top_k={cfg.top_k}, but the model knows {len(model.class_names)} classes: give "
-                f"1 to {len(model.class_names)}."
-            )
-        self.top_k, self.min_confidence = cfg.top_k, threshold
-        self.max_pixels, self.batch_size = cfg.max_pixels, cfg.batch_size
-        # Unset preprocessing follows what an MLflow model recorded (as predict does).
-        self.info_bar = (
-            cfg.info_bar if cfg.info_bar is not None else recorded.get("info_bar", "auto")
+        from sem_cls.predictor import Predictor
+
+        self.predictor = Predictor.load(
+            cfg.ckpt_path,
+            PredictorSettings.from_config(cfg),
+            tracking_uri=cfg.get("tracking_uri"),
+            cache_dir=Path(cfg.paths.cache_dir) / "engines",
         )
-        self.bf16 = cfg.bf16 if cfg.bf16 is not None else recorded.get("bf16", True)
-        device = (
-            cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        )
-        self.model = model.to(device).eval()
-        engine = cfg.get("engine") or recorded.get("engine", "torch")
-        self.engine = None  # torch
-        if engine != "torch":
-            self.engine = create_engine(
-                engine,
-                self.model.backbone,
-                tuple(model.data_config["input_size"]),
-                self.bf16,
-                Path(cfg.paths.cache_dir) / "engines",
-            )
+        self.model = self.predictor.model
+        self.min_confidence = self.predictor.settings.min_confidence
 
     def classify(self, files: list[Path]) -> list[Row]:
         """One row per file: class, top-k, flags, the image as seen and its Grad-CAM overlay;
         an unreadable file gets a row with its error, the others go on."""
-        names = self.model.class_names
-        probs, errors, novelty = classify_files(
-            self.model,
-            files,
-            info_bar=self.info_bar,
-            max_pixels=self.max_pixels,
-            batch_size=self.batch_size,
-            num_workers=0,  # a handful of files per request; workers would cost more than they save
-            bf16=self.bf16,
-            progress=False,
-            engine=self.engine,
-        )
-        unknown = unknown_images(self.model, novelty)
-        decisions = decide(probs, names, self.min_confidence, unknown)
-        seen, cams = self.grad_cams(files, errors)
-        rows = []
-        for i, file in enumerate(files):
-            if errors[i]:
-                rows.append(Row(file.name, "", [], False, False, np.nan, errors[i]))
-                continue
-            order = np.argsort(-probs[i])[: self.top_k]
-            top = [(names[c], float(probs[i, c])) for c in order]
-            uncertain = self.min_confidence is not None and top[0][1] < self.min_confidence
-            rows.append(
-                Row(
-                    file.name,
-                    decisions[i],
-                    top,
-                    uncertain,
-                    bool(unknown[i]),
-                    float(novelty[i]),
-                    "",
-                    seen[i],
-                    cams[i],
-                )  # fmt: skip
+        from sem_cls.predictor import UNCERTAIN, UNKNOWN
+
+        predictions = self.predictor.predict(files)
+        seen, cams = self.grad_cams(files, [row["error"] for row in predictions])
+        return [
+            Row(
+                Path(file).name,
+                row["predicted_class"],
+                row["top_k"],
+                row["predicted_class"] == UNCERTAIN,
+                row["predicted_class"] == UNKNOWN,
+                row["novelty"],
+                row["error"],
+                seen.get(i),
+                cams.get(i),
             )
-        return rows
+            for i, (file, row) in enumerate(zip(files, predictions, strict=True))
+        ]
 
     def grad_cams(self, files: list[Path], errors: list[str]) -> tuple[dict, dict]:
         """{index: image as seen}, {index: Grad-CAM overlay} of the readable files, preprocessed
-        as classify_files preprocessed them."""
-        dataset = ImagesToClassify(files, self.model.data_config, self.info_bar, self.max_pixels)
+        as the Predictor preprocessed them."""
+        import numpy as np
+        import torch
+
+        from sem_cls.evaluation.saliency import as_seen, grad_cam, overlay
+
+        dataset = self.predictor.dataset(files)
         readable = [i for i, error in enumerate(errors) if not error]
-        device = next(self.model.parameters()).device
+        batch_size = self.predictor.settings.batch_size
         seen, cams = {}, {}
-        for start in range(0, len(readable), self.batch_size):
-            chunk = readable[start : start + self.batch_size]
+        for start in range(0, len(readable), batch_size):
+            chunk = readable[start : start + batch_size]
             images = torch.stack([dataset[i][0] for i in chunk])  # (B, 3, H, W)
-            maps, _ = grad_cam(self.model, images.to(device))  # (B, H, W)
+            maps, _ = grad_cam(self.model, images.to(self.predictor.device))  # (B, H, W)
             for i, image, cam in zip(chunk, images, maps, strict=True):
                 shown = as_seen(self.model, image)
                 seen[i] = (shown.numpy() * 255).round().astype(np.uint8)
@@ -159,14 +110,14 @@ def table(rows: list[Row]) -> list[list]:
             ", ".join(f"{name} {p:.3f}" for name, p in row.top),
             row.uncertain,
             row.unknown,
-            None if np.isnan(row.novelty) else round(row.novelty, 4),
+            None if row.novelty is None else round(row.novelty, 4),
             row.error,
         ]
         for row in rows
     ]
 
 
-def gallery(rows: list[Row]) -> list[tuple[np.ndarray, str]]:
+def gallery(rows: list[Row]) -> list[tuple[Any, str]]:
     """Each readable image as the model saw it, then its Grad-CAM overlay, with captions."""
     items = []
     for row in rows:
@@ -181,6 +132,8 @@ def build_page(classifier: DemoClassifier):
     """The page: an upload box, a table of results and a gallery of what the model saw."""
     import gradio as gr
 
+    from sem_cls.data.images import IMAGE_SUFFIXES
+
     def classify(files):
         if not files:
             raise gr.Error("Drop or pick one or more SEM images first.")
@@ -193,7 +146,7 @@ def build_page(classifier: DemoClassifier):
         font=[gr.themes.LocalFont("IBM Plex Sans"), "ui-sans-serif", "system-ui", "sans-serif"],
         font_mono=[gr.themes.LocalFont("IBM Plex Mono"), "ui-monospace", "monospace"],
     )
-    names = ", ".join(classifier.model.class_names)
+    names = ", ".join(classifier.predictor.class_names)
     flags = (
         f"uncertain: top class below {classifier.min_confidence}"
         if classifier.min_confidence is not None
@@ -237,10 +190,44 @@ def build_page(classifier: DemoClassifier):
     return page, theme
 
 
-def serve(cfg) -> None:
-    """Load the model, then serve the page on cfg.host:cfg.port until interrupted."""
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine alone (127.0.0.1, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: other machines may resolve it
+        return False
+
+
+def login(cfg) -> tuple[str, str] | None:
+    """The login the page asks for: none on this machine's loopback address; on any other
+    address the user's SEM_CLS_APP_USER and SEM_CLS_APP_PASSWORD, without which it refuses."""
+    if is_loopback(str(cfg.host)):
+        return None
+    user, password = os.environ.get(USER_VARIABLE), os.environ.get(PASSWORD_VARIABLE)
+    if not (user and password):
+        raise UserError(
+            f"host={cfg.host} serves the page to other machines, so it needs a login: set "
+            f"{USER_VARIABLE} and {PASSWORD_VARIABLE} in the environment (e.g. "
+            f"{USER_VARIABLE}=alice {PASSWORD_VARIABLE}=... make app HOST={cfg.host}), or serve "
+            "this machine alone with host=127.0.0.1."
+        )
+    return user, password
+
+
+def check_config(cfg) -> tuple[str, str] | None:
+    """Refuse a bad port, a bad setting or a missing login before anything heavy is imported;
+    the login, if one is needed."""
     if not (isinstance(cfg.port, int) and 1 <= cfg.port <= 65535):
         raise UserError(f"port={cfg.port}: give a TCP port from 1 to 65535, e.g. port=7860.")
+    PredictorSettings.from_config(cfg)
+    return login(cfg)
+
+
+def serve(cfg) -> None:
+    """Load the model, then serve the page on cfg.host:cfg.port until interrupted."""
+    auth = check_config(cfg)
     classifier = DemoClassifier(cfg)
     page, theme = build_page(classifier)
     print(f"Demo page of {cfg.ckpt_path}: http://{cfg.host}:{cfg.port}", flush=True)
@@ -250,6 +237,7 @@ def serve(cfg) -> None:
             server_port=cfg.port,
             theme=theme,
             share=False,
+            auth=auth,
             inbrowser=False,
             ssr_mode=False,  # no Node server beside Python
             show_error=True,

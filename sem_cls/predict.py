@@ -1,5 +1,5 @@
-"""Classify new SEM images with a trained model, preprocessed exactly as training preprocessed
-them: each file checked as ingest checks it, its info bar cropped, the backbone's eval transform.
+"""Classify new SEM images with a trained model (sem_cls.predictor.Predictor), preprocessed
+exactly as training preprocessed them, into one CSV.
 
 python -m sem_cls.predict ckpt_path=logs/train/runs/<time>/checkpoints/epoch_004.ckpt \
     inputs=/data/new_images output=predictions.csv
@@ -7,82 +7,88 @@ python -m sem_cls.predict ckpt_path=models:/sem-cls@champion 'inputs=[a.tif,b.pn
     top_k=5 min_confidence=0.6
 
 One CSV row per image file (folders are walked recursively): the top-k classes with their
-probabilities, `uncertain` below min_confidence, or the reason a file could not be read.
+probabilities, `uncertain` below min_confidence, `unknown` unlike the training images, or the
+reason a file could not be read. Settings are checked before torch is imported, so a bad value
+answers at once.
 """
 
 import csv
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from sem_cls.data.images import is_image_file, walk_files
+from sem_cls.config.predictor import PredictorSettings
 from sem_cls.errors import UserError, check_command_line, exits_on_user_error
-from sem_cls.evaluation.scores import top_k
-from sem_cls.models.engines import create_engine
-from sem_cls.models.inference import UNCERTAIN, UNKNOWN, classify_files, decide, unknown_images
-from sem_cls.registry import load_model
 
 log = logging.getLogger(__name__)
 
+# The first columns of every predictions CSV: how check_output knows one it may replace.
+PREDICTIONS_HEADER = "path,predicted_class,confidence"
+
 
 def image_files(inputs) -> list[Path]:
-    """Image files of `inputs`: folders (walked as ingest walks them: recursively, following
-    links, by suffix; a symlink loop is listed, to be reported), and files named one by one
-    (whatever their suffix: a bad one is reported, not skipped)."""
+    """Image files of `inputs` (collect_inputs)."""
+    return collect_inputs(inputs)[0]
+
+
+def collect_inputs(inputs) -> tuple[list[Path], list[Path]]:
+    """Image files of `inputs`, and the files of its folders left out as no image by their
+    suffix. Folders are walked as ingest walks them (recursively, following links; a symlink
+    loop is listed, to be reported); files named one by one are taken whatever their suffix (a
+    bad one is reported, not skipped)."""
+    from sem_cls.data.images import is_image_file, walk_files
+
     items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    files = []
+    files, left_out = [], []
     for item in map(Path, items):
         if item.is_dir():
-            files += [path for path, error in walk_files(item) if error or is_image_file(path)]
+            for path, error in walk_files(item):
+                (files if error or is_image_file(path) else left_out).append(path)
         elif item.is_file():
             files.append(item)
         else:
             raise UserError(f"inputs: {item} is neither a folder nor a file.")
     if not files:
         raise UserError(f"inputs={items} holds no image files (.jpg .png .tif .bmp).")
-    return files
+    return files, left_out
 
 
-# The first columns of every predictions CSV: how check_output knows one it may replace.
-PREDICTIONS_HEADER = "path,predicted_class,confidence"
+def predictions_table(rows: list[dict], top_k: int) -> list[list]:
+    """Header and rows of the CSV: path, predicted_class, confidence, novelty, top<i>_class and
+    top<i>_prob for i <= top_k, error. Empty cells where there is no value (not scored, unread)."""
+    header = [*PREDICTIONS_HEADER.split(","), "novelty"]
+    for rank in range(1, top_k + 1):
+        header += [f"top{rank}_class", f"top{rank}_prob"]
+    table = [[*header, "error"]]
+    for row in rows:
+        if row["error"]:
+            table.append([row["path"], "", "", "", *[""] * (2 * top_k), row["error"]])
+            continue
+        ranked = [item for name, p in row["top_k"] for item in (name, f"{p:.6f}")]
+        novelty = "" if row["novelty"] is None else f"{row['novelty']:.6f}"
+        confidence = f"{row['confidence']:.6f}"
+        table.append([row["path"], row["predicted_class"], confidence, novelty, *ranked, ""])
+    return table
 
 
-def write_predictions(
-    path: Path,
-    files: list[Path],
-    probs: np.ndarray,
-    errors: list[str],
-    class_names: list[str],
-    k: int,
-    min_confidence: float | None,
-    novelty: np.ndarray | None = None,
-    unknown: np.ndarray | None = None,
-) -> Path:
-    """CSV: path, predicted_class, confidence, novelty, top<i>_class and top<i>_prob for i <= k,
-    error. `novelty` is empty where not scored (novelty off, or a model without references)."""
+def write_predictions(path: Path, rows: list[dict], top_k: int) -> Path:
+    """The CSV written whole or not at all: into a temporary file beside `path`, then renamed
+    over it, so a reader (or a killed run) never sees half a file."""
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    classes, values = top_k(np.nan_to_num(probs, nan=0.0), k)
-    decisions = decide(probs, class_names, min_confidence, unknown)
-    novelty = np.full(len(files), np.nan) if novelty is None else novelty
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        header = [*PREDICTIONS_HEADER.split(","), "novelty"]
-        for rank in range(1, classes.shape[1] + 1):
-            header += [f"top{rank}_class", f"top{rank}_prob"]
-        writer.writerow([*header, "error"])
-        for file, decision, top, top_probs, score, error in zip(
-            files, decisions, classes, values, novelty, errors, strict=True
-        ):
-            if error:
-                writer.writerow([file, "", "", "", *[""] * (2 * len(top)), error])
-                continue
-            ranked = [item for i, p in zip(top, top_probs, strict=True) for item in
-                      (class_names[i], f"{p:.6f}")]  # fmt: skip
-            scored = "" if np.isnan(score) else f"{score:.6f}"
-            writer.writerow([file, decision, f"{top_probs[0]:.6f}", scored, *ranked, ""])
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", newline="") as f:
+            csv.writer(f).writerows(predictions_table(rows, top_k))
+        umask = os.umask(0)  # mkstemp makes the file private; the CSV gets the usual mode
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -102,78 +108,69 @@ def check_output(path: Path) -> None:
         )
 
 
-def check_config(cfg) -> None:
-    """Refuse settings that are wrong whatever the model (top_k's upper end needs the model)."""
-    if not (isinstance(cfg.top_k, int) and cfg.top_k >= 1):
-        raise UserError(f"top_k={cfg.top_k}: give the number of classes to list, 1 or more.")
-    threshold = cfg.min_confidence
-    if threshold is not None and not (isinstance(threshold, int | float) and 0 <= threshold <= 1):
+def output_lock(path: Path):
+    """A lock on `path` held for the whole run: a second run writing the same file at the same
+    time refuses instead of both reporting success while one result set is lost. The lock file
+    (.<name>.lock beside it) stays: removing it would let two runs lock two different files."""
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path.parent / f".{path.name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
         raise UserError(
-            f"min_confidence={threshold} is not a probability: give a value from 0 to 1 (e.g. "
-            "0.6), or null to mark no image uncertain."
+            f"output={path} is being written by another predict run right now. Wait for it to "
+            "finish, or give another output=... path."
+        ) from None
+    return lock
+
+
+def summary(rows: list[dict], left_out: list[Path]) -> str:
+    """What the run did, in a few lines: nothing vanishes without a count and a reason."""
+    from sem_cls.predictor import UNCERTAIN, UNKNOWN
+
+    decisions = Counter(row["predicted_class"] for row in rows)
+    unreadable = sum(bool(row["error"]) for row in rows)
+    lines = [
+        f"{len(rows)} images: {len(rows) - unreadable} classified ({decisions[UNKNOWN]} unknown, "
+        f"{decisions[UNCERTAIN]} uncertain), {unreadable} unreadable (see the error column)"
+    ]
+    if left_out:
+        suffixes = Counter(path.suffix.lower() or "no suffix" for path in left_out)
+        kinds = ", ".join(f"{count} {suffix}" for suffix, count in sorted(suffixes.items()))
+        lines.append(
+            f"{len(left_out)} files in the input folders left out, not image files by their "
+            f"suffix ({kinds}); name one in inputs=[...] to have it tried and reported"
         )
-    if not (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1):
-        raise UserError(f"batch_size={cfg.batch_size} must be a whole number of 1 or more.")
+    return "\n".join(lines)
 
 
 def predict(cfg) -> Path:
     """Classify every image of `cfg.inputs` with the model of `cfg.ckpt_path`; write cfg.output."""
-    check_config(cfg)
-    check_output(Path(cfg.output))  # before the work, so a refusal costs nothing
-    files = image_files(cfg.inputs)
-    model, _, recorded = load_model(cfg.ckpt_path, cfg.get("tracking_uri"))
-    if cfg.top_k > len(model.class_names):
-        raise UserError(
-            f"top_k={cfg.top_k}, but the model knows {len(model.class_names)} classes: give "
-            f"1 to {len(model.class_names)}."
+    settings = PredictorSettings.from_config(cfg)  # before anything heavy is imported
+    output = Path(cfg.output)
+    files, left_out = collect_inputs(cfg.inputs)
+    lock = output_lock(output)
+    try:
+        check_output(output)  # before the work, so a refusal costs nothing
+        from sem_cls.predictor import Predictor
+
+        predictor = Predictor.load(
+            cfg.ckpt_path,
+            settings,
+            tracking_uri=cfg.get("tracking_uri"),
+            cache_dir=Path(cfg.paths.cache_dir) / "engines",
         )
-    # Unset preprocessing follows what an MLflow model recorded of its training, else defaults.
-    info_bar = cfg.info_bar if cfg.info_bar is not None else recorded.get("info_bar", "auto")
-    bf16 = cfg.bf16 if cfg.bf16 is not None else recorded.get("bf16", True)
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    engine = cfg.get("engine") or recorded.get("engine", "torch")
-    if engine != "torch":
-        engine = create_engine(
-            engine,
-            model.backbone.to(device),
-            tuple(model.data_config["input_size"]),
-            bf16,
-            Path(cfg.paths.cache_dir) / "engines",
-        )
-    probs, errors, novelty = classify_files(
-        model.to(device),
-        files,
-        info_bar=info_bar,
-        max_pixels=cfg.max_pixels,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        bf16=bf16,
-        engine=None if engine == "torch" else engine,
-    )
-    unknown = unknown_images(model, novelty, cfg.get("novelty", True))
-    if not cfg.get("novelty", True):
-        novelty = None
-    output = write_predictions(
-        Path(cfg.output),
-        files,
-        probs,
-        errors,
-        model.class_names,
-        cfg.top_k,
-        cfg.min_confidence,
-        novelty,
-        unknown,
-    )
-    decisions = decide(probs, model.class_names, cfg.min_confidence, unknown)
-    unreadable = sum(bool(error) for error in errors)
-    print(
-        f"{len(files)} images: {len(files) - unreadable} classified "
-        f"({decisions.count(UNKNOWN)} unknown, {decisions.count(UNCERTAIN)} uncertain), "
-        f"{unreadable} unreadable\n"
-        f"Predictions: {output}"
-    )
-    for file, error in [(f, e) for f, e in zip(files, errors, strict=True) if e][:20]:
-        log.warning("Unreadable %s: %s", file, error)
+        rows = predictor.predict(files, progress=True)
+        write_predictions(output, rows, settings.top_k)
+    finally:
+        lock.release()
+    print(f"{summary(rows, left_out)}\nPredictions: {output}")
+    for row in [row for row in rows if row["error"]][:20]:
+        log.warning("Unreadable %s: %s", row["path"], row["error"])
+    for path in left_out[:20]:
+        log.warning("Left out (not an image file by its suffix): %s", path)
     return output
 
 

@@ -1,9 +1,9 @@
-"""Trained classifiers in and out of MLflow: load one from a checkpoint file or an MLflow model
-URI, and log a training run's best checkpoint as an MLflow model, registered if asked.
+"""Trained classifiers into MLflow: log a training run's best checkpoint as an MLflow model,
+registered if asked, and the model's MLflow flavour (a pyfunc over sem_cls.predictor.Predictor).
 
-The MLflow model is a pyfunc whose data is the checkpoint file itself, and this module is its
-loader: torch.load(weights_only=True) rebuilds the SEMModel, so nothing is unpickled and no
-code travels with the model (the project must be importable where the model is loaded).
+The MLflow model's data is the checkpoint file itself and the preprocessing settings of its
+training; sem_cls.models.loading reads them (torch.load(weights_only=True): nothing is unpickled
+and no code travels with the model; the project must be importable where the model is loaded).
 """
 
 import io
@@ -15,154 +15,109 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from sem_cls.errors import UserError
-from sem_cls.models.build import model_from_checkpoint
-from sem_cls.models.engines import create_engine
-from sem_cls.models.inference import classify_files, decide, unknown_images
+from sem_cls.models.loading import (
+    CHECKPOINT_FILE,
+    DATA_DIR,
+    SETTINGS_FILE,
+    download_model,
+    is_model_uri,
+    load_model_folder,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from sem_cls.models.model import SEMModel
-from sem_cls.tracking import mlflow_loggers, tracking_client
+from sem_cls.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
+__all__ = ["is_model_uri", "read_checkpoint", "load_model", "log_best_model"]
+
 MODEL_NAME = "model"  # runs:/<run id>/model
-MODEL_URI_SCHEMES = ("models:/", "runs:/")
-DATA_DIR = "sem_cls_model"  # <model>/data/sem_cls_model/{checkpoint.ckpt,settings.json}
-CHECKPOINT_FILE, SETTINGS_FILE = "checkpoint.ckpt", "settings.json"
 # What loading and predicting import; pinned to the versions that trained the model.
 REQUIREMENTS = (
-    "torch", "torchvision", "timm", "lightning", "torchmetrics", "numpy", "scipy", "pillow",
-    "imagehash", "pandas", "mlflow", "openvino",
+    "torch", "torchvision", "timm", "numpy", "scipy", "pillow", "imagehash", "pandas", "mlflow",
+    "openvino", "hydra-core", "omegaconf",
 )  # fmt: skip
 EXAMPLE_SIDE = 320  # the input example is a real test image, reduced to keep the artifact small
 
 
-def is_model_uri(reference) -> bool:
-    return str(reference).startswith(MODEL_URI_SCHEMES)
-
-
-def read_checkpoint(path: Path, option: str = "ckpt_path") -> dict:
-    """The raw checkpoint of a training run; tensors and plain data only, never code."""
-    path = Path(path)
-    if path.is_dir():
-        found = [str(p) for p in sorted(path.rglob("*.ckpt"))[:3]]
-        raise UserError(
-            f"{option}={path} is a folder. Point it at a .ckpt file from training"
-            + (f", e.g. {', '.join(found)}." if found else " (none in this folder).")
-        )
-    if not path.is_file():
-        raise UserError(f"{option}={path} does not exist. Point it at a .ckpt file from training.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        checkpoint["sem_model"]["class_names"]
-    except Exception as err:  # noqa: BLE001 -- any failure here means "not our checkpoint"
-        raise UserError(
-            f"{option}={path} is not a sem-cls checkpoint ({type(err).__name__}: {err})."
-        ) from err
-    return checkpoint
-
-
-def load_checkpoint(path: Path) -> tuple[SEMModel, dict]:
-    """The trained model and the raw checkpoint; loads tensors and plain data only, never code.
-    The checkpoint holds every weight: no ImageNet weights are fetched."""
-    checkpoint = read_checkpoint(path)
-    return model_from_checkpoint(checkpoint), checkpoint
-
-
 def load_model(reference, tracking_uri: str | None = None) -> tuple[SEMModel, dict, dict]:
-    """Classifier, raw checkpoint and the preprocessing settings recorded with it ({} for a
-    plain file), from a .ckpt path or an MLflow model URI (models:/<name>@<alias>,
-    models:/<name>/<version>, runs:/<run id>/model)."""
+    """eval.py's trained model, its raw checkpoint (the split it was trained on, its MLflow run)
+    and the preprocessing settings recorded with it ({} for a plain file), from a .ckpt path or
+    an MLflow model URI."""
     if not is_model_uri(reference):
-        return *load_checkpoint(Path(reference)), {}
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp, _tracking(tracking_uri):
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=str(reference), dst_path=tmp)
-        except Exception as err:  # noqa: BLE001 -- MLflow raises several kinds for a bad URI
-            raise UserError(
-                f"ckpt_path={reference} could not be loaded from MLflow at {tracking_uri} "
-                f"({type(err).__name__}: {str(err)[:300]}). Check the name, alias or run id in "
-                "the MLflow UI, and the tracking URI."
-            ) from err
-        data = Path(local) / "data" / DATA_DIR
+        checkpoint = read_checkpoint(Path(reference))
+        return model_from_checkpoint(checkpoint), checkpoint, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = download_model(str(reference), Path(tmp), tracking_uri) / "data" / DATA_DIR
         if not (data / CHECKPOINT_FILE).is_file():
             raise UserError(
                 f"ckpt_path={reference} is an MLflow model, but not one logged by sem-cls "
                 f"training (no data/{DATA_DIR}/{CHECKPOINT_FILE} in it)."
             )
-        model, checkpoint = load_checkpoint(data / CHECKPOINT_FILE)
+        checkpoint = read_checkpoint(data / CHECKPOINT_FILE)
         settings = json.loads((data / SETTINGS_FILE).read_text())
-    return model, checkpoint, settings
+    return model_from_checkpoint(checkpoint), checkpoint, settings
+
+
+# Columns of the MLflow model's answer (top<i>_class and top<i>_prob follow `confidence`).
+OUTPUT_COLUMNS = ("predicted_class", "confidence", "novelty")
 
 
 class PyfuncClassifier:
-    """What `mlflow.pyfunc.load_model` returns for a sem-cls model.
+    """What `mlflow.pyfunc.load_model` (and `mlflow models serve`) returns for a sem-cls model.
 
     predict(DataFrame with an `image` column of encoded image files, as bytes) -> DataFrame with
-    `predicted_class`, `confidence`, `novelty`, `prob_<Class>` for every class (temperature-
-    scaled), and `error` (why an image could not be read; its other columns are empty). Param
-    `min_confidence` marks images below it `uncertain`; images unlike the training images are
-    `unknown` unless param `novelty` is false.
+    `predicted_class`, `confidence`, `novelty`, `top<i>_class`/`top<i>_prob` for i <= top_k,
+    `prob_<Class>` for every class (temperature-scaled), and `error` (why an image could not be
+    read). Missing numbers are None (JSON null). Params (`min_confidence`, `novelty`, `top_k`)
+    are checked and applied by the Predictor; a bad value is MLflow's INVALID_PARAMETER_VALUE,
+    which the scoring server answers with 400 and the message.
     """
 
-    def __init__(self, model: SEMModel, settings: dict, data_path: Path | None = None):
-        self.model = model.eval()
-        self.settings = settings
-        self.engine = None  # torch
-        if settings.get("engine", "torch") != "torch":
-            # The converted backbone travels in the model's data folder (see log_best_model).
-            self.engine = create_engine(
-                settings["engine"],
-                model.backbone,
-                tuple(model.data_config["input_size"]),
-                settings["bf16"],
-                data_path,
-            )
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
 
     def predict(self, model_input, params: dict | None = None):
         import pandas as pd
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        min_confidence = (params or {}).get("min_confidence")
-        use_novelty = bool((params or {}).get("novelty", True))
-        with tempfile.TemporaryDirectory() as tmp:
-            files = []
-            for index, data in enumerate(model_input["image"]):
-                # Through files, so bytes go the way every other image goes (check, crop, decode).
-                files.append(Path(tmp) / f"{index:06d}")
-                files[-1].write_bytes(bytes(data))
-            probs, errors, novelty = classify_files(
-                self.model,
-                files,
-                info_bar=self.settings["info_bar"],
-                max_pixels=self.settings["max_pixels"],
-                bf16=self.settings["bf16"],
-                num_workers=0,
-                progress=False,
-                engine=self.engine,
-            )
-        unknown = unknown_images(self.model, novelty, use_novelty)
-        table = pd.DataFrame(
-            {
-                "predicted_class": decide(probs, self.model.class_names, min_confidence, unknown),
-                "confidence": probs.max(axis=1),  # NaN for an unreadable image
-                "novelty": novelty if use_novelty else np.nan,
-            }
-        )
-        for index, name in enumerate(self.model.class_names):
-            table[f"prob_{name}"] = probs[:, index]
-        table["error"] = errors
-        return table
+        try:
+            settings = self.predictor.with_options(**(params or {}))
+        except UserError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        images = [bytes(image) for image in model_input["image"]] if len(model_input) else []
+        rows = self.predictor.predict(images, settings)
+        names = self.predictor.class_names
+        columns = [*OUTPUT_COLUMNS]
+        for rank in range(1, settings.top_k + 1):
+            columns += [f"top{rank}_class", f"top{rank}_prob"]
+        columns += [*(f"prob_{name}" for name in names), "error"]
+        records = []
+        for row in rows:
+            record = {name: row[name] for name in OUTPUT_COLUMNS}
+            for rank in range(settings.top_k):
+                name, probability = row["top_k"][rank] if row["top_k"] else ("", None)
+                record[f"top{rank + 1}_class"], record[f"top{rank + 1}_prob"] = name, probability
+            for name in names:
+                record[f"prob_{name}"] = (row["probabilities"] or {}).get(name)
+            record["error"] = row["error"]
+            records.append(record)
+        # object columns: None stays None, where a float column would turn it into NaN
+        return pd.DataFrame(records, columns=columns, dtype=object)
 
 
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> PyfuncClassifier:
     """MLflow's entry point for this model flavour (loader_module)."""
-    model, _ = load_checkpoint(Path(data_path) / CHECKPOINT_FILE)
-    settings = json.loads((Path(data_path) / SETTINGS_FILE).read_text())
-    return PyfuncClassifier(model, settings, Path(data_path))
+    from sem_cls.config.predictor import PredictorSettings
+
+    model, recorded = load_model_folder(Path(data_path))
+    # Per request a handful of images: no loader workers. A converted OpenVINO backbone travels
+    # in the model's data folder (see log_best_model).
+    settings = PredictorSettings(max_pixels=recorded.get("max_pixels", 50_000_000), num_workers=0)
+    return PyfuncClassifier(Predictor(model, settings, recorded, cache_dir=data_path))
 
 
 def _signature(class_names: list[str]):
@@ -171,13 +126,22 @@ def _signature(class_names: list[str]):
 
     outputs = [ColSpec("string", "predicted_class"), ColSpec("double", "confidence")]
     outputs.append(ColSpec("double", "novelty"))
+    for rank in range(1, 4):  # the default top_k; a request's top_k gives that many
+        outputs += [ColSpec("string", f"top{rank}_class"), ColSpec("double", f"top{rank}_prob")]
     outputs += [ColSpec("double", f"prob_{name}") for name in class_names]
     outputs.append(ColSpec("string", "error"))
+    # MLflow fills in a missing param with its default, so the defaults are PredictorSettings'
+    # (min_confidence 0: no image is below it). A param the schema does not name is dropped by
+    # MLflow with a warning in the server's log, before the model sees the request.
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema(outputs),
         params=ParamSchema(
-            [ParamSpec("min_confidence", "double", 0.0), ParamSpec("novelty", "boolean", True)]
+            [
+                ParamSpec("min_confidence", "double", 0.0),
+                ParamSpec("novelty", "boolean", True),
+                ParamSpec("top_k", "long", 3),
+            ]
         ),
     )
 
@@ -204,6 +168,8 @@ def _tracking(uri: str | None):
     back exactly what was there (None: leave it)."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+    from sem_cls.tracking import tracking_client
+
     if uri is None:
         yield
         return
@@ -219,6 +185,9 @@ def log_best_model(trainer, datamodule, registry=None) -> list[str]:
     `registry.name`, register it as a new version and point `registry.alias` at it. Returns the
     URIs to load it by."""
     import mlflow
+
+    # Here, not at the top: the MLflow model's loader (this module) needs no training stack.
+    from sem_cls.tracking import mlflow_loggers
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     loggers = mlflow_loggers(trainer.loggers)

@@ -29,7 +29,8 @@ class SweepTracking(Callback):
         # two schema migrations at once, and all but one job fail. One creation, before any.
         mlflow_cfg = OmegaConf.select(config, "logger.mlflow")
         if mlflow_cfg is not None:
-            # Imported here: Hydra builds its callbacks for every run, even one refused at once.
+            # Imported here: Hydra builds its callbacks for every run, even one refused at once,
+            # and sem_cls.tracking imports Lightning, which predict and the page never need.
             from sem_cls.tracking import experiment_for
 
             experiment_for(mlflow_cfg)

@@ -13,7 +13,13 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.helpers import ROOT, assert_user_error, best_checkpoint, compose_config
+from tests.helpers import (
+    ROOT,
+    assert_user_error,
+    best_checkpoint,
+    compose_config,
+    run_in_process,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking flags Chromium waits on services it cannot reach on a closed network.
@@ -82,17 +88,15 @@ def page_url(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(trained_run, nanowires):
-    """The class predict's own functions give the Nanowires image, in this process."""
-    from sem_cls.models.inference import classify_files, decide, unknown_images
-    from sem_cls.registry import load_model
+    """The class predict's Predictor gives the Nanowires image, in this process."""
+    from sem_cls.config.predictor import PredictorSettings
+    from sem_cls.predictor import Predictor
 
-    model, _, _ = load_model(best_checkpoint(trained_run[0]))
-    probs, errors, novelty = classify_files(model, [nanowires], num_workers=0, progress=False)
-    assert errors == [""]
-    unknown = unknown_images(model, novelty)
     # min_confidence=0.5, the page's default
-    decision = decide(probs, model.class_names, 0.5, unknown)[0]
-    return decision, model.class_names[int(probs[0].argmax())], bool(probs[0].max() < 0.5)
+    settings = PredictorSettings(min_confidence=0.5, num_workers=0)
+    (row,) = Predictor.load(best_checkpoint(trained_run[0]), settings).predict([nanowires])
+    assert row["error"] == ""
+    return row["predicted_class"], row["top_k"][0][0], row["predicted_class"] == "uncertain"
 
 
 @pytest.mark.slow
@@ -183,11 +187,9 @@ def test_a_missing_model_is_a_user_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_images_past_the_novelty_threshold_are_flagged_unknown(
-    trained_run, nanowires, tmp_path, monkeypatch
-):
-    """With novelty scores (classify_files' third value) and a threshold on the model, an image
-    scored above it is `unknown`; one below keeps its class."""
+def test_images_past_the_novelty_threshold_are_flagged_unknown(trained_run, nanowires, tmp_path):
+    """With novelty scores and a threshold on the model, an image scored above it is `unknown`;
+    one below keeps its class."""
     import numpy as np
 
     import sem_cls.app as app
@@ -195,17 +197,65 @@ def test_images_past_the_novelty_threshold_are_flagged_unknown(
     cfg = compose_config("app", tmp_path, [f"ckpt_path={best_checkpoint(trained_run[0])}"])
     classifier = app.DemoClassifier(cfg)
     assert classifier.model.has_novelty  # the frozen tiny model keeps its training features
-    files = [nanowires, nanowires]
-    classify_files = app.classify_files
-    probs, errors, _ = classify_files(classifier.model, files, num_workers=0, progress=False)
-    (expected, _) = app.decide(probs, classifier.model.class_names, classifier.min_confidence)
+    predictor = classifier.predictor
+    # Its decision without novelty: what a score below the threshold leaves.
+    without_novelty = predictor.with_options(novelty=False)
+    expected = predictor.predict([nanowires], without_novelty)[0]["predicted_class"]
+    scores = predictor.scores
 
-    def scored(*args, **kwargs):  # the real probabilities, with novelty scores of our choosing
-        probs, errors, _ = classify_files(*args, **kwargs)
-        return probs, errors, np.array([0.9, 0.1])
+    def scored(files, *args, **kwargs):  # the real probabilities, novelty scores of our choosing
+        probs, _, errors = scores(files, *args, **kwargs)
+        return probs, np.array([0.9, 0.1]), errors
 
-    monkeypatch.setattr(app, "classify_files", scored)
+    predictor.scores = scored
     classifier.model.novelty_threshold.fill_(0.5)
-    rows = classifier.classify(files)
+    rows = classifier.classify([nanowires, nanowires])
     assert [(row.decision, row.unknown) for row in rows] == [("unknown", True), (expected, False)]
     assert [row.novelty for row in rows] == [0.9, 0.1]
+
+
+def test_another_address_needs_a_login(tmp_path, monkeypatch):
+    """Served beyond this machine without SEM_CLS_APP_USER/PASSWORD the page refuses, before
+    the model is even looked at."""
+    monkeypatch.delenv("SEM_CLS_APP_USER", raising=False)
+    monkeypatch.delenv("SEM_CLS_APP_PASSWORD", raising=False)
+    result = run_in_process(
+        "sem_cls.app", f"ckpt_path={tmp_path / 'none.ckpt'}", "host=0.0.0.0", tmp_path=tmp_path
+    )
+    assert_user_error(result, "host=0.0.0.0", "SEM_CLS_APP_USER", "SEM_CLS_APP_PASSWORD")
+
+
+@pytest.mark.slow
+def test_a_page_on_another_address_asks_for_the_login(trained_run, nanowires, tmp_path):
+    from gradio_client import Client, handle_file
+
+    port = free_port()
+    login = {"SEM_CLS_APP_USER": "alice", "SEM_CLS_APP_PASSWORD": "s3cret-enough"}
+    log = (tmp_path / "app.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sem_cls.app", f"ckpt_path={best_checkpoint(trained_run[0])}",
+         "host=0.0.0.0", f"port={port}", f"paths.log_dir={tmp_path / 'logs'}",
+         f"paths.cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **login},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "app.log").read_text()[-3000:]
+                time.sleep(0.5)
+        with pytest.raises(Exception, match="(?i)login|auth"):
+            Client(url, verbose=False)
+        client = Client(url, auth=("alice", "s3cret-enough"), verbose=False)
+        results, _ = client.predict([handle_file(str(nanowires))], api_name="/classify")
+        assert results["data"][0][0] == nanowires.name
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

@@ -85,20 +85,21 @@ def test_ingest_uses_or_reports_every_file(tmp_path_factory, case):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from sem_cls.models.build import build_model
+    from sem_cls.config.predictor import PredictorSettings
+    from sem_cls.models.model import SEMModel
+    from sem_cls.predictor import Predictor
 
-    return build_model(["A", "B"], backbone="test_efficientnet", pretrained=False)[0].eval()
+    model = SEMModel.from_spec({"class_names": ["A", "B"], "backbone": "test_efficientnet"})
+    return Predictor(model, PredictorSettings(top_k=1, bf16=False, num_workers=0, device="cpu"))
 
 
 @pytest.mark.slow  # 50 examples: about 20 s on an idle machine
 @FAST
 @given(case=bad_files())
 def test_prediction_classifies_or_reports_every_file(tmp_path_factory, tiny_model, case):
-    from sem_cls.models.inference import classify_files
-
     root = tmp_path_factory.mktemp("inputs")
     good, bad = folder_with(root, *case)
-    probs, errors, _ = classify_files(tiny_model, [good, bad], bf16=False, progress=False)
+    probs, _, errors = tiny_model.scores([good, bad])
     assert errors[0] == "" and np.isfinite(probs[0]).all()
     assert bool(errors[1]) == bool(np.isnan(probs[1]).all()), "unreadable rows are NaN and named"
     if not errors[1]:

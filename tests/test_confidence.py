@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sem_cls.models.calibration import fit_temperature
+from sem_cls.models.loading import model_from_checkpoint, read_checkpoint
 from sem_cls.models.novelty import fit_threshold, novelty_scores, reference_features
-from sem_cls.registry import load_checkpoint
 from tests.helpers import best_checkpoint, run_predict, write_images_unlike_sem
 
 
@@ -38,7 +38,8 @@ def test_novelty_is_zero_on_references_and_the_threshold_flags_the_asked_share()
 
 def test_checkpoint_carries_temperature_and_novelty_references(trained_run):
     cfg = trained_run[0]
-    model, checkpoint = load_checkpoint(best_checkpoint(cfg))
+    checkpoint = read_checkpoint(best_checkpoint(cfg))
+    model = model_from_checkpoint(checkpoint)
     state = checkpoint["state_dict"]
     assert float(model.temperature) == float(state["model.temperature"]) != 1.0
     assert model.has_novelty
@@ -91,14 +92,16 @@ def test_images_unlike_sem_are_unknown_and_test_images_mostly_not(
 
 
 def test_predicted_probabilities_are_temperature_scaled(trained_run, tiny_sem_dir, tmp_path):
-    from sem_cls.models.inference import classify_files
+    from sem_cls.config.predictor import PredictorSettings
+    from sem_cls.predictor import Predictor
 
-    model, _ = load_checkpoint(best_checkpoint(trained_run[0]))
-    temperature = float(model.temperature)
+    settings = PredictorSettings(num_workers=0, device="cpu")
+    predictor = Predictor.load(best_checkpoint(trained_run[0]), settings)
+    temperature = float(predictor.model.temperature)
     files = sorted(tiny_sem_dir.glob("*/*.jpg"))[:4]
-    calibrated, _, _ = classify_files(model, files, num_workers=0, progress=False)
-    model.temperature.fill_(1.0)
-    raw, _, _ = classify_files(model, files, num_workers=0, progress=False)
+    calibrated, _, _ = predictor.scores(files)
+    predictor.model.temperature.fill_(1.0)
+    raw, _, _ = predictor.scores(files)
     # softmax(logits / T): log(raw) is the logits up to a constant per image.
     expected = torch.from_numpy(np.log(raw) / temperature).softmax(dim=1).numpy()
     np.testing.assert_allclose(calibrated, expected, atol=1e-5)

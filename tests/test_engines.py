@@ -18,8 +18,7 @@ from sem_cls.errors import UserError
 from sem_cls.models import engines
 from sem_cls.models.build import build_model
 from sem_cls.models.classifier import SEMClassifier
-from sem_cls.models.engines import TorchEngine, create_engine, native_bf16
-from sem_cls.models.inference import classify_files
+from sem_cls.models.engines import OpenVINOEngine, TorchEngine, create_engine, native_bf16
 from sem_cls.predict import image_files
 from tests.helpers import ROOT, best_checkpoint, compose_config, run_predict, split_manifest
 
@@ -191,13 +190,17 @@ def test_demo_predictions_agree_between_engines(trained_run, tiny_sem_dir, tmp_p
 
 
 def test_predict_engine_serves_a_loaded_checkpoint(trained_run, tiny_sem_dir, openvino_engine):
-    from sem_cls.registry import load_checkpoint
+    from sem_cls.config.predictor import PredictorSettings
+    from sem_cls.predictor import Predictor
 
-    model, _ = load_checkpoint(best_checkpoint(trained_run[0]))
     files = image_files(tiny_sem_dir)[:8]
-    expected, _, _ = classify_files(model, files, bf16=False, progress=False)
-    engine = create_engine("openvino", model.backbone, (3, 224, 224), False)
-    probs, _, _ = classify_files(model, files, bf16=False, progress=False, engine=engine)
+    checkpoint = best_checkpoint(trained_run[0])
+    settings = dict(bf16=False, num_workers=0, device="cpu")
+    plain = Predictor.load(checkpoint, PredictorSettings(engine="torch", **settings))
+    expected, _, _ = plain.scores(files)
+    served = Predictor.load(checkpoint, PredictorSettings(engine="openvino", **settings))
+    assert isinstance(served.engine, OpenVINOEngine)
+    probs, _, _ = served.scores(files)
     np.testing.assert_allclose(probs, expected, atol=0.02)
 
 

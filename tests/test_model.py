@@ -162,7 +162,7 @@ def test_balanced_class_weighting_weighs_the_training_loss_by_inverse_frequency(
     [("resnet18", dict(freeze=1)), ("inception_v3", dict(freeze="none", aux_logits=True))],
 )
 def test_a_checkpoint_rebuilds_the_model_it_holds(backbone, options, tmp_path):
-    from sem_cls.models.build import model_from_checkpoint
+    from sem_cls.models.loading import model_from_checkpoint
 
     classifier = build_classifier(["a", "b", "c"], backbone=backbone, pretrained=False, **options)
     model = classifier.model.eval()

@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from sem_cls.config.predictor import PredictorSettings
 from sem_cls.errors import UserError
 from sem_cls.predict import check_output, predict, write_predictions
+from sem_cls.predictor import prediction_rows
 from sem_cls.registry import _tracking
 from tests.helpers import IMAGE_SUFFIXES, ROOT, best_checkpoint, compose_config, run_predict
 
@@ -90,7 +92,7 @@ def test_checkpoint_registered_model_and_evaluation_agree(trained_run, mixed_fol
     assert table["predicted_class"].tolist() == [r["predicted_class"] for r in from_file]
     readable = [not row["error"] for row in from_file]
     confidence = [float(row["confidence"]) for row in from_file if not row["error"]]
-    np.testing.assert_allclose(table["confidence"][readable], confidence, atol=1e-6)
+    np.testing.assert_allclose(table["confidence"][readable].astype(float), confidence, atol=1e-6)
     assert table["error"].astype(bool).tolist() == [not ok for ok in readable]
 
     # The test split, predicted image by image, as the training run's test pass saw it.
@@ -126,8 +128,7 @@ def test_command_line_reports_a_missing_input_without_a_traceback(tmp_path):
 
 
 def test_an_unknown_model_uri_is_refused_with_a_message(trained_run):
-    from sem_cls.errors import UserError
-    from sem_cls.registry import load_model
+    from sem_cls.models.loading import load_model
 
     with pytest.raises(UserError, match="models:/no-such-model@champion could not be loaded"):
         load_model("models:/no-such-model@champion", trained_run[0].logger.mlflow.tracking_uri)
@@ -150,9 +151,8 @@ def test_an_existing_file_of_the_users_is_not_overwritten(tmp_path):
 
 
 def test_an_earlier_predictions_file_may_be_replaced(tmp_path):
-    earlier = write_predictions(
-        tmp_path / "predictions.csv", [Path("a.jpg")], np.array([[0.9, 0.1]]), [""], ["x", "y"],
-        1, None,
-    )  # fmt: skip
+    rows = prediction_rows(["a.jpg"], np.array([[0.9, 0.1]]), None, [""], class_names=["x", "y"],
+                           novelty_threshold=None, settings=PredictorSettings(top_k=1))  # fmt: skip
+    earlier = write_predictions(tmp_path / "predictions.csv", rows, 1)
     check_output(earlier)  # no error: the same command may be run again
     check_output(tmp_path / "new.csv")

@@ -26,7 +26,7 @@ class Choice(StrEnum):
 
 
 class FeatureEngine(Choice):
-    """What runs a frozen backbone for its features (sem_cls.data.engines)."""
+    """What runs a frozen backbone for its features (sem_cls.models.engines)."""
 
     torch = "torch"
     openvino = "openvino"

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report  # noqa: E402
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix  # noqa: E402
 
+from sem_cls.config.predictor import UNKNOWN, PredictorSettings, prediction_rows
 from sem_cls.data.images import open_image, scale_box  # noqa: E402
 from sem_cls.data.samples import Sample  # noqa: E402
 from sem_cls.evaluation import scores as score_lib  # noqa: E402
@@ -161,19 +162,6 @@ def plot_mistakes(
     return path
 
 
-def image_decisions(
-    probs: np.ndarray,
-    class_names: list[str],
-    novelty: np.ndarray | None,
-    novelty_threshold: float,
-) -> tuple[list[str], np.ndarray | None]:
-    """Per image: the predicted class, and whether it is `unknown` (past the novelty threshold;
-    None without novelty scores). The one place evaluation turns probabilities into decisions."""
-    predicted = [class_names[int(label)] for label in probs.argmax(axis=1)]
-    unknown = None if novelty is None else novelty > novelty_threshold
-    return predicted, unknown
-
-
 def write_predictions_csv(
     path: Path,
     targets: np.ndarray,
@@ -186,26 +174,31 @@ def write_predictions_csv(
 ) -> Path:
     """One row per image: path, true and predicted class, confidence, the top k with their
     probabilities; with `novelty`, each image's score and whether it passes the threshold."""
-    classes, values = score_lib.top_k(probs, k)
-    predicted, unknown = image_decisions(probs, class_names, novelty, novelty_threshold)
+    # The predictor's own decision (sem_cls.config.predictor), so eval and predict agree.
+    settings = PredictorSettings(top_k=min(k, len(class_names)), novelty=novelty is not None)
+    rows = prediction_rows(
+        image_paths, probs, novelty, [""] * len(probs), class_names=class_names,
+        novelty_threshold=novelty_threshold, settings=settings,
+    )  # fmt: skip
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         header = ["path", "true_class", "predicted_class", "confidence", "correct"]
-        for rank in range(1, classes.shape[1] + 1):
+        for rank in range(1, settings.top_k + 1):
             header += [f"top{rank}_class", f"top{rank}_prob"]
         if novelty is not None:
             header += ["novelty", "unknown"]
         writer.writerow(header)
-        for index, (image, target, top, top_probs) in enumerate(
-            zip(image_paths, targets, classes, values, strict=True)
-        ):
-            row = [image, class_names[target], predicted[index], f"{top_probs[0]:.6f}"]
-            row.append(str(bool(predicted[index] == class_names[target])).lower())
-            for label, prob in zip(top, top_probs, strict=True):
-                row += [class_names[label], f"{prob:.6f}"]
+        for image, target, row in zip(image_paths, targets, rows, strict=True):
+            predicted = row["top_k"][0][0]  # scored as the most probable class
+            line = [image, class_names[target], predicted, f"{row['confidence']:.6f}"]
+            line.append(str(predicted == class_names[target]).lower())
+            for label, prob in row["top_k"]:
+                line += [label, f"{prob:.6f}"]
             if novelty is not None:
-                row += [f"{novelty[index]:.6f}", str(bool(unknown[index])).lower()]
-            writer.writerow(row)
+                unknown = row["predicted_class"] == UNKNOWN
+                score = "" if row["novelty"] is None else f"{row['novelty']:.6f}"
+                line += [score, str(unknown).lower()]
+            writer.writerow(line)
     return path
 
 
