@@ -12,6 +12,8 @@ import logging
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
+from sem_cls.compat import commit_optuna_schema_stamp, rewrite_trial_overrides
+
 log = logging.getLogger(__name__)
 
 
@@ -47,31 +49,14 @@ def number_jobs_by_trial(impl) -> None:
     """Each trial's job gets its folder named by the trial's number in the study
     (hydra.sweep.subdir), which sem_cls.tracking also tags as `sweep_job`. Hydra numbers jobs
     per process, so two searches on one study would each have a job 1, holding other trials."""
-    configure = impl._configure_trials
 
-    def numbered(trials, *args):
-        overrides = configure(trials, *args)
+    def numbered(trials, overrides):
         return [
             [*trial_overrides, f"hydra.sweep.subdir={trial.number}"]
             for trial, trial_overrides in zip(trials, overrides, strict=True)
         ]
 
-    impl._configure_trials = numbered
-
-
-def commit_optuna_schema_stamp() -> None:
-    """optuna 2.10 stamps a new database's schema version on a connection it never commits,
-    which SQLAlchemy 1's autocommit used to save; under SQLAlchemy 2 the stamp is rolled back
-    and the storage then refuses its own database. Makes it the same stamp, committed."""
-    import alembic.migration
-    from optuna.storages._rdb.storage import _VersionManager  # private: optuna is pinned
-
-    def set_alembic_revision(self, revision: str) -> None:
-        with self.engine.begin() as connection:
-            context = alembic.migration.MigrationContext.configure(connection)
-            context.stamp(self._create_alembic_script(), revision)
-
-    _VersionManager._set_alembic_revision = set_alembic_revision
+    rewrite_trial_overrides(impl, numbered)
 
 
 def stored_trials(storage: str, study_name: str) -> tuple[int, int]:

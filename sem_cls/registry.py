@@ -166,15 +166,14 @@ def _tracking(uri: str | None):
     """MLflow resolves model URIs and logs models through the process-wide tracking URI (and a
     registry URI that follows it unless one is set); point it at `uri` for the call, and put
     back exactly what was there (None: leave it)."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
+    from sem_cls.compat import mlflow_tracking_uri
     from sem_cls.tracking import tracking_client
 
     if uri is None:
         yield
         return
     tracking_client(uri)  # the store opened first under its lock, as every process does
-    with _use_tracking_uri(uri):
+    with mlflow_tracking_uri(uri):
         yield
 
 
@@ -211,7 +210,7 @@ def log_best_model(trainer, datamodule, registry=None) -> list[str]:
     example = _input_example(datamodule)
     uris = []
     for logger in loggers:
-        uri = logger._tracking_uri
+        uri = logger.experiment.tracking_uri
         with tempfile.TemporaryDirectory() as tmp, _tracking(uri):
             data = Path(tmp) / DATA_DIR
             data.mkdir()

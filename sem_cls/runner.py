@@ -8,6 +8,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from sem_cls.compat import reruns_command_line
 from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.ingest import ingest_folder
 from sem_cls.data.manifest import SplitManifest
@@ -86,13 +87,9 @@ def _refuse_rerun_of_a_local_sweep(trainer) -> None:
     rank would start over in folders of its own. SLURM or torchrun starting the ranks is fine."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
-    launcher = getattr(trainer.strategy, "launcher", None)
     if (
-        isinstance(launcher, _SubprocessScriptLauncher)
-        and not launcher.cluster_environment.creates_processes_externally
-        and launcher.num_processes > 1
+        reruns_command_line(trainer.strategy)
         and HydraConfig.initialized()
         and HydraConfig.get().mode == RunMode.MULTIRUN
     ):

@@ -292,13 +292,12 @@ def _missing_keys(node: Container, prefix: str = ""):
     """Keys left `???`, without resolving interpolations (Hydra's own keys are Hydra's)."""
     keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
     for key in keys:
-        child = node._get_node(key)
         if prefix == "" and key == "hydra":
             continue
-        if child._is_missing():
+        if OmegaConf.is_missing(node, key):
             yield f"{prefix}{key}"
-        elif isinstance(child, Container) and not child._is_interpolation():
-            yield from _missing_keys(child, f"{prefix}{key}.")
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], Container):
+            yield from _missing_keys(node[key], f"{prefix}{key}.")
 
 
 def check_config(cfg: DictConfig) -> None:
