@@ -54,7 +54,8 @@ format: $(STAMP)  ## ruff format and autofix
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-ui: $(STAMP)  ## the MLflow UI for this project's runs, on http://127.0.0.1:5000
+ui: $(STAMP)  ## the MLflow UI for this project's runs, on http://127.0.0.1:5000; prints each experiment's address
+	$(PY) -m sem_cls.tracking.ui sqlite:///$(CURDIR)/mlruns/mlflow.db http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 		--backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db
 

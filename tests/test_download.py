@@ -14,12 +14,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from sem_cls.data.download import (
-    PARTIAL_SUFFIX,
-    download_dataset,
-    download_from_config,
-    record_files,
-)
+from sem_cls.data.archives import PARTIAL_SUFFIX
+from sem_cls.data.download import download_dataset, download_from_config, record_files
 from sem_cls.data.synthetic import CLASSES as KNOWN_CLASSES
 from sem_cls.errors import UserError
 from tests.helpers import ROOT, compose_config

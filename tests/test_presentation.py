@@ -6,6 +6,7 @@ from PIL import Image
 
 from sem_cls.evaluation.reports import plot_matrix
 from sem_cls.tracking import EXPERIMENT_KIND_TAG
+from sem_cls.tracking.ui import print_experiment_urls
 
 NFFA_CLASSES = [
     "Biological", "Fibres", "Films_Coated_Surface", "MEMS_devices_and_electrodes", "Nanowires",
@@ -30,3 +31,21 @@ def test_experiments_open_in_the_model_training_view(trained_run):
     cfg, _, client, run = trained_run
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_make_ui_prints_where_each_experiment_s_runs_are(trained_run, capsys):
+    cfg, _, client, run = trained_run
+    uri = cfg.logger.mlflow.tracking_uri
+    print_experiment_urls(uri, "http://127.0.0.1:5000")
+    experiment = client.get_experiment(run.info.experiment_id)
+    runs_page = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+    out = capsys.readouterr().out
+    assert f"{experiment.name}: {runs_page}" in out
+    assert '"Model training"' in out
+
+
+def test_make_ui_before_any_run_creates_no_store(tmp_path, capsys):
+    database = tmp_path / "mlruns" / "mlflow.db"
+    print_experiment_urls(f"sqlite:///{database}", "http://127.0.0.1:5000")
+    assert "No experiment" in capsys.readouterr().out
+    assert not database.exists()

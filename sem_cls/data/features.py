@@ -34,15 +34,6 @@ from sem_cls.errors import OutOfSpace, UserError, is_out_of_space
 log = logging.getLogger(__name__)
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes: the image content, whatever its name or place."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_digest(module: nn.Module) -> str:
     """sha256 over every parameter and buffer, by name."""
     digest = hashlib.sha256()

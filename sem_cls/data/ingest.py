@@ -30,6 +30,7 @@ import numpy as np
 from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from sem_cls.data.conflicts import LABEL_CONFLICTS, resolve_label_conflicts
 from sem_cls.data.images import (
     DEFAULT_MAX_PIXELS,
     check_max_pixels,
@@ -58,8 +59,6 @@ RECORD_FIELDS = (
 # Set on a record whose file could not be read (an OS error): not a verdict on the file, so it is
 # not cached and the file is checked again by the next ingest.
 RETRY = "retry"
-# What to do with the images of a label conflict (data.label_conflicts).
-LABEL_CONFLICTS = ("drop", "keep", "refuse")
 
 
 @dataclass
@@ -140,54 +139,6 @@ def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     return record
 
 
-def label_conflicts(images: list[dict]) -> dict[str, list[dict]]:
-    """Images by sha256, for each content found under more than one class folder."""
-    by_content: dict[str, list[dict]] = {}
-    for record in images:
-        by_content.setdefault(record["sha256"], []).append(record)
-    return {
-        sha256: records
-        for sha256, records in by_content.items()
-        if len({r["class"] for r in records}) > 1
-    }
-
-
-def _resolve_label_conflicts(root: Path, images: list[dict], policy: str):
-    """(images to use, conflicting images left out, conflicting images kept), each conflict
-    with its reason in `error`; refused as a UserError with policy `refuse`."""
-    conflicts = label_conflicts(images)
-    if not conflicts:
-        return images, [], []
-    examples = [" = ".join(r["path"] for r in records) for records in list(conflicts.values())[:3]]
-    count = sum(len(records) for records in conflicts.values())
-    if policy == "refuse":
-        raise UserError(
-            f"{count} images in {root} have the same content as an image of another class "
-            f"(label conflicts), e.g. {'; '.join(examples)}. Remove the copy from the wrong "
-            "class folder, or set data.label_conflicts=drop (leave them out) or "
-            "data.label_conflicts=keep (train on both labels)."
-        )
-    noted = []
-    for records in conflicts.values():
-        for record in records:
-            others = [r["path"] for r in records if r["class"] != record["class"]]
-            action = "left out" if policy == "drop" else "kept with both labels"
-            reason = (
-                f"label conflict: same content (sha256 {record['sha256'][:12]}) as "
-                f"{', '.join(others)}; {action} (data.label_conflicts={policy})"
-            )
-            noted.append({**record, "error": reason})
-    log.warning(
-        "%d images have the same content under two or more class folders, %s "
-        "(data.label_conflicts=%s; listed in the ingest report), e.g. %s",
-        count, "left out" if policy == "drop" else "kept", policy, "; ".join(examples),
-    )  # fmt: skip
-    if policy == "keep":
-        return images, [], noted
-    conflicting = {id(record) for records in conflicts.values() for record in records}
-    return [r for r in images if id(r) not in conflicting], noted, []
-
-
 def _check(job: tuple[Path, int]) -> dict:
     return check_image(*job)
 
@@ -261,52 +212,12 @@ def ingest(
         raise DataNotFoundError(f"Data folder {root} does not exist.")
     # A class is a top-level folder (or link to one); everything under it is its images.
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = [(path, class_dir.name, error) for class_dir in class_dirs
-             for path, error in walk_files(class_dir)]  # fmt: skip
     cache_file = _cache_file(Path(cache_dir), root, max_pixels) if cache_dir else None
-    cached = _read_cache(cache_file)
-
-    records, to_check = [], []
-    for path, class_name, error in files:
-        relative = path.relative_to(root).as_posix()
-        record = {"path": relative, "class": class_name, "bytes": 0, "mtime_ns": 0}
-        record.update(width=0, height=0, sha256="", phash="", bar_top=0, pages=0, error=error)
-        try:
-            stat = path.stat()
-        except OSError as err:
-            error = error or f"could not be read: {err.strerror}"
-            stat = None
-        if error:
-            record.update(error=error, retry=True)  # a walk's finding is made again every walk
-        elif not is_image_file(path):
-            record.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
-            record["error"] = f"not an image file (suffix {path.suffix or 'none'!r})"
-        else:
-            record.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
-            hit = cached.get(relative)
-            if hit and (hit["bytes"], hit["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
-                record = hit
-            else:
-                to_check.append((len(records), path))
-        records.append(record)
-
+    records, to_check = _file_records(root, class_dirs, _read_cache(cache_file))
     if to_check:
-        jobs = [(path, max_pixels) for _, path in to_check]
-        bar = dict(total=len(jobs), desc=f"Checking images in {root.name}", disable=not progress)
-        if workers > 1 and len(jobs) > 64:
-            # fork: workers start at once, without re-importing the caller's modules (torch);
-            # they only decode and hash.
-            # Workers are killed with this process, even by SIGKILL (no orphans decoding on).
-            pool = ProcessPoolExecutor(
-                workers,
-                mp_context=get_context("fork"),
-                initializer=die_with_parent,
-                initargs=(os.getpid(),),
-            )
-            with pool:
-                checked = list(tqdm(pool.map(_check, jobs, chunksize=32), **bar))
-        else:
-            checked = [_check(job) for job in tqdm(jobs, **bar)]
+        checked = _check_images(
+            [path for _, path in to_check], max_pixels, workers, progress, root.name
+        )
         for (index, _), result in zip(to_check, checked, strict=True):
             records[index].update(result)
         if cache_file:
@@ -314,11 +225,10 @@ def ingest(
 
     images = [r for r in records if not r["error"]]
     rejected = [r for r in records if r["error"]]
-    images, dropped, kept = _resolve_label_conflicts(root, images, label_conflicts)
+    images, dropped, kept = resolve_label_conflicts(root, images, label_conflicts)
     rejected += dropped
     usable = {r["class"] for r in images}
     empty = [d.name for d in class_dirs if d.name not in usable]
-    result = Ingest(root, sorted(usable), images, rejected, empty, kept)
     if empty:
         log.warning(
             "Class folders with no usable image, left out: %s (in %s).", ", ".join(empty), root
@@ -328,17 +238,77 @@ def ingest(
             f"Data folder {root} holds no <Class>/ folders with usable images "
             f"({', '.join(s.lstrip('.') for s in sorted({'.jpg', '.png', '.tif', '.bmp'}))})."
         )
-    log.info("Ingest of %s: %s", root, result.summary())
-    multi_page = [f"{r['path']} ({r['pages']} pages)" for r in images if r["pages"] > 1]
+    result = Ingest(root, sorted(usable), images, rejected, empty, kept)
+    _log_findings(result)
+    return result
+
+
+def _file_records(root: Path, class_dirs: list[Path], cached: dict[str, dict]):
+    """One record per file under the class folders: a cached check where the file is unchanged,
+    the walk's or the suffix's verdict, or a blank record to fill. Returns the records and the
+    (index, path) of each file still to check."""
+    records, to_check = [], []
+    for class_dir in class_dirs:
+        for path, error in walk_files(class_dir):
+            relative = path.relative_to(root).as_posix()
+            record = {"path": relative, "class": class_dir.name, "bytes": 0, "mtime_ns": 0}
+            record.update(width=0, height=0, sha256="", phash="", bar_top=0, pages=0, error=error)
+            try:
+                stat = path.stat()
+            except OSError as err:
+                error = error or f"could not be read: {err.strerror}"
+                stat = None
+            if error:
+                record.update(error=error, retry=True)  # a walk's finding is made again every walk
+            elif not is_image_file(path):
+                record.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+                record["error"] = f"not an image file (suffix {path.suffix or 'none'!r})"
+            else:
+                record.update(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+                hit = cached.get(relative)
+                if hit and (hit["bytes"], hit["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+                    record = hit
+                else:
+                    to_check.append((len(records), path))
+            records.append(record)
+    return records, to_check
+
+
+def _check_images(
+    paths: list[Path], max_pixels: int, workers: int, progress: bool, folder_name: str
+) -> list[dict]:
+    """`check_image` of every path, in order; in `workers` processes for more than 64 files."""
+    jobs = [(path, max_pixels) for path in paths]
+    bar = dict(total=len(jobs), desc=f"Checking images in {folder_name}", disable=not progress)
+    if workers > 1 and len(jobs) > 64:
+        # fork: workers start at once, without re-importing the caller's modules (torch);
+        # they only decode and hash.
+        # Workers are killed with this process, even by SIGKILL (no orphans decoding on).
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=get_context("fork"),
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        )
+        with pool:
+            return list(tqdm(pool.map(_check, jobs, chunksize=32), **bar))
+    return [_check(job) for job in tqdm(jobs, **bar)]
+
+
+def _log_findings(result: Ingest) -> None:
+    """The summary, multi-page images and the first files left out, in the log."""
+    log.info("Ingest of %s: %s", result.root, result.summary())
+    multi_page = [f"{r['path']} ({r['pages']} pages)" for r in result.images if r["pages"] > 1]
     if multi_page:
         listed = ", ".join(multi_page[:20]) + (", ..." if len(multi_page) > 20 else "")
         log.warning("%d multi-page images, of which the first page is used: %s",
                     len(multi_page), listed)  # fmt: skip
-    for record in rejected[:20]:
+    for record in result.rejected[:20]:
         log.warning("Left out %s: %s", record["path"], record["error"])
-    if len(rejected) > 20:
-        log.warning("... and %d more; all are listed in the ingest report.", len(rejected) - 20)
-    return result
+    if len(result.rejected) > 20:
+        log.warning(
+            "... and %d more; all are listed in the ingest report.", len(result.rejected) - 20
+        )
 
 
 def ingest_folder(data, folder: Path | str | None = None) -> Ingest:

@@ -238,9 +238,3 @@ class SplitManifest:
         label_of = {name: index for index, name in enumerate(self.class_names)}
         rows = [row for row in self.rows if row["split"] == split]
         return [sample_of(row, label_of[row["class"]], self.root) for row in rows]
-
-    def class_counts(self, split: str) -> np.ndarray:
-        """Images per class in `split`, in class-index order."""
-        names = self.class_names
-        labels = [names.index(row["class"]) for row in self.rows if row["split"] == split]
-        return np.bincount(labels, minlength=len(names))

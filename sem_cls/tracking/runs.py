@@ -89,20 +89,24 @@ def mark_model_training(logger: MLFlowLogger) -> None:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
 
-def git_dirty(repo_dir: Path) -> dict[str, str]:
-    """Whether the code that ran had uncommitted changes, under MLflow's own tag name; 'unknown'
-    outside a git checkout. MLflow tags the commit itself (`mlflow.source.git.commit`, with the
-    branch and repository), from the checkout of the script that started the run."""
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_DIRTY
+def git_state(repo_dir: Path) -> dict[str, str]:
+    """Commit and dirty flag of the code that ran, under MLflow's own tag names (the UI shows the
+    commit with the run); 'unknown' outside a git checkout. MLflow tags the commit itself only
+    when the script that started the process is in a checkout, not for a run started in-process
+    (a notebook, the tests): this one is the project's checkout's, always."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=repo_dir, capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     try:
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo_dir, capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
-        return {MLFLOW_GIT_DIRTY: "unknown"}
-    return {MLFLOW_GIT_DIRTY: str(bool(status.strip())).lower()}
+        return {MLFLOW_GIT_COMMIT: "unknown", MLFLOW_GIT_DIRTY: "unknown"}
+    return {MLFLOW_GIT_COMMIT: commit, MLFLOW_GIT_DIRTY: str(dirty).lower()}
 
 
 def write_environment(folder: Path) -> Path:
@@ -137,7 +141,7 @@ def log_run_context(
     data_files = write_data_files(Path(cfg.paths.output_dir) / "data", manifest, ingested)
     environment = write_environment(Path(cfg.paths.output_dir) / "environment")
     tags = {
-        **git_dirty(Path(cfg.paths.root_dir)),
+        **git_state(Path(cfg.paths.root_dir)),
         "data_dir": str(manifest.root),
         "data_split_fingerprint": manifest.fingerprint(),
         **{f"{name}_version": metadata.version(name) for name in ("torch", "lightning", "timm")},

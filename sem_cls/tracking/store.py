@@ -1,5 +1,5 @@
 """The MLflow tracking store and its experiments, set up safely by processes started together
-(one lock per store), and the UI's address of each experiment's training runs."""
+(one lock per store)."""
 
 import hashlib
 import tempfile
@@ -90,30 +90,3 @@ def experiment_for(mlflow_cfg: DictConfig):
     with store_lock(mlflow_cfg.tracking_uri):
         client = tracking_client(mlflow_cfg.tracking_uri)
         return client, ensure_experiment(client, mlflow_cfg.experiment_name, location)
-
-
-def experiment_runs_urls(tracking_uri: str, ui_url: str) -> list[tuple[str, str]]:
-    """(name, address) of the training runs page of every experiment in the store, as the
-    MLflow UI at `ui_url` shows it; none where the SQLite store does not exist yet (opening it
-    would create it)."""
-    from sqlalchemy.engine import make_url
-
-    uri = str(tracking_uri)
-    if uri.startswith("sqlite:") and not Path(make_url(uri).database).is_file():
-        return []
-    experiments = tracking_client(uri).search_experiments()
-    return [
-        (e.name, f"{ui_url.rstrip('/')}/#/experiments/{e.experiment_id}/runs")
-        for e in sorted(experiments, key=lambda e: e.name)
-    ]
-
-
-def print_experiment_urls(tracking_uri: str, ui_url: str) -> None:
-    """Where each experiment's training runs are in the UI. MLflow 3's UI opens an experiment
-    in its GenAI view until "Model training" is chosen once in its sidebar (a browser setting)."""
-    experiments = experiment_runs_urls(tracking_uri, ui_url)
-    if not experiments:
-        print(f"No experiment in {tracking_uri} yet: `make demo` records one.")
-    for name, url in experiments:
-        print(f"{name}: {url}")
-    print('In the UI, choose "Model training" once in the sidebar to see these as runs.')
