@@ -4,8 +4,9 @@ Three changes to hydra-optuna-sweeper 1.3.0 (which needs optuna < 3): optuna 2.1
 works with SQLAlchemy 2, which MLflow needs; `n_trials` counts the study's finished trials,
 so running a killed sweep's command again runs only the trials it has not finished; and each
 job's folder is its trial number in the study, so searches sharing a study never collide.
-Hydra loads sweepers from the hydra_plugins package only, hence this folder; it scans every
-module here at each start, so optuna is imported only when a sweep begins.
+The first and the last patch private methods, through sem_cls/compat.py. Hydra loads
+sweepers from the hydra_plugins package only, hence this folder; it scans every module here at
+each start, so optuna is imported only when a sweep begins.
 """
 
 import logging

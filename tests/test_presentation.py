@@ -2,10 +2,11 @@
 its model-training view."""
 
 import numpy as np
+from omegaconf import OmegaConf
 from PIL import Image
 
 from sem_cls.evaluation.reports import plot_matrix
-from sem_cls.tracking import EXPERIMENT_KIND_TAG
+from sem_cls.tracking import EXPERIMENT_KIND_TAG, ContinuingMLFlowLogger, print_summary
 from sem_cls.tracking.ui import print_experiment_urls
 
 NFFA_CLASSES = [
@@ -49,3 +50,15 @@ def test_make_ui_before_any_run_creates_no_store(tmp_path, capsys):
     print_experiment_urls(f"sqlite:///{database}", "http://127.0.0.1:5000")
     assert "No experiment" in capsys.readouterr().out
     assert not database.exists()
+
+
+def test_a_run_ends_by_saying_where_it_is_recorded(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = ContinuingMLFlowLogger(tracking_uri=uri, experiment_name="sem-cls-demo")
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path / "run")}})
+    print_summary([logger], {"test/acc": 0.5}, cfg)
+    out = capsys.readouterr().out
+    assert "test/acc = 0.5000" in out
+    assert f"MLflow run {logger.run_id} in experiment 'sem-cls-demo'" in out
+    assert f"tracking URI: {uri}" in out
+    assert f"Output folder: {tmp_path / 'run'}" in out
