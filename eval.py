@@ -114,14 +114,5 @@ def main(cfg: DictConfig) -> None:
     evaluate(cfg)  # Hydra composed cfg and checked it (sem_cls.config.schema.ConfigCheck)
 
 
-def __getattr__(name: str):
-    """eval.load_checkpoint, where callers find it, imported (with torch) only when asked for."""
-    if name == "load_checkpoint":
-        from sem_cls.registry import load_checkpoint
-
-        return load_checkpoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 if __name__ == "__main__":
     run_command(main)

@@ -177,6 +177,22 @@ def _tracking(uri: str | None):
         yield
 
 
+def _register(client, name: str, info, logger) -> str:
+    """A new version of registered model `name` in the run's own store (named by `client`, not
+    by MLflow's process-wide registry URI, which anything in the process may have set)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name, source=info.model_uri, run_id=logger.run_id, model_id=info.model_id
+    )
+    return version.version
+
+
 def log_best_model(trainer, datamodule, registry=None) -> list[str]:
     """Log the best checkpoint as MLflow model `model` of each MLflow run of `trainer`, with
     the preprocessing it was trained with (the model's info-bar mode, the datamodule's
@@ -231,13 +247,11 @@ def log_best_model(trainer, datamodule, registry=None) -> list[str]:
                     input_example=example,
                     # Given, not inferred: inference would load the model in a subprocess.
                     pip_requirements=[f"{n}=={metadata.version(n)}" for n in REQUIREMENTS],
-                    registered_model_name=name,
-                    await_registration_for=0,  # local stores register at once
                     metadata={"class_names": settings["class_names"]},
                 )
         uris.append(f"runs:/{logger.run_id}/{MODEL_NAME}")
         if name:
-            version = info.registered_model_version
+            version = _register(mlflow.MlflowClient(uri, registry_uri=uri), name, info, logger)
             uris.append(f"models:/{name}/{version}")
             if alias:
                 mlflow.MlflowClient(uri, registry_uri=uri).set_registered_model_alias(

@@ -219,8 +219,8 @@ class PlantedCode:
 
 
 def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
-    from eval import load_checkpoint
     from sem_cls.errors import UserError
+    from sem_cls.models.loading import load_checkpoint
 
     marker = tmp_path / "code_ran"
     bad = tmp_path / "model.ckpt"
