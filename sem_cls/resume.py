@@ -184,4 +184,3 @@ def resume_hydra_overrides(config_dir: Path, config_name: str, overrides: list[s
         f"hydra.output_subdir=.hydra/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S}",
         f"hydra.job_logging.handlers.file.filename={quoted(run_dir / f'{task_name}.log')}",
     ]
-

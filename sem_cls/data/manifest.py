@@ -37,7 +37,7 @@ def crop_rows(records: list[dict], info_bar) -> list[dict]:
     for record in records:
         box = crop.box(record["width"], record["height"], record["bar_top"])
         row = {key: record[key] for key in ("path", "class", "sha256", "width", "height")}
-        row.update(zip(CROP_FIELDS, box))
+        row.update(zip(CROP_FIELDS, box, strict=True))
         rows.append(row)
     return rows
 
@@ -104,7 +104,7 @@ class SplitManifest:
         folds: int | None = None,
         fold: int = 0,
         info_bar="auto",
-    ) -> "SplitManifest":
+    ) -> SplitManifest:
         """Split by duplicate groups, stratified and seeded (sem_cls.data.splits); with `folds`,
         fold `fold` of train+val becomes val."""
         records = ingested.images
@@ -123,7 +123,7 @@ class SplitManifest:
         return cls(ingested.root, rows)._logged()
 
     @classmethod
-    def read(cls, path: Path | str, ingested: Ingest) -> "SplitManifest":
+    def read(cls, path: Path | str, ingested: Ingest) -> SplitManifest:
         """The split of a manifest.csv, if every image is still in `ingested`, usable and
         unchanged."""
         rows = read_manifest(Path(path))
@@ -148,7 +148,7 @@ class SplitManifest:
         return cls(ingested.root, rows)._logged()
 
     @classmethod
-    def resumed(cls, path: Path, ingested: Ingest) -> "SplitManifest":
+    def resumed(cls, path: Path, ingested: Ingest) -> SplitManifest:
         """The split a run was started with (its manifest.csv at `path`), for continuing it: an
         image removed or changed since is left out and named in the log; an image added since is
         not used (a resumed run is the same run; a new run splits the folder as it is now)."""
@@ -187,7 +187,7 @@ class SplitManifest:
         return cls(ingested.root, kept)._logged()
 
     @classmethod
-    def from_config(cls, data, ingested: Ingest) -> "SplitManifest":
+    def from_config(cls, data, ingested: Ingest) -> SplitManifest:
         """`data.manifest` read and checked, or a new split as the `data` config says."""
         if len(ingested.class_names) < 2:
             raise DataNotFoundError(
@@ -208,7 +208,7 @@ class SplitManifest:
             data.info_bar,
         )
 
-    def _logged(self) -> "SplitManifest":
+    def _logged(self) -> SplitManifest:
         counts = {name: sum(row["split"] == name for row in self.rows) for name in SPLITS}
         log.info(
             "%d images in %d classes from %s; split %s",

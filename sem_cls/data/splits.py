@@ -118,4 +118,3 @@ def check_every_class_in_every_split(class_names, labels, split) -> None:
                 f"Add images to {name}, move its folder out of the data folder, or change "
                 "data.split."
             )
-
