@@ -261,3 +261,13 @@ def feature_extractor(model, cache_dir: Path, kind: str = "torch", bf16: bool = 
     return FeatureExtractor(
         kind, model.backbone, input_size, bf16, cache, Path(cache_dir) / "engines"
     )
+
+
+class PlantedCode:
+    """Unpickling this creates a file: what a malicious checkpoint could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))

@@ -106,7 +106,7 @@ def test_train_refuses_a_data_folder_of_one_class(tiny_sem_dir, tmp_path):
 
 
 def test_resume_refuses_a_last_checkpoint_carrying_code(tiny_sem_dir, tmp_path):
-    from tests.test_reliability import PlantedCode
+    from tests.helpers import PlantedCode
 
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
@@ -151,7 +151,7 @@ def test_predict_refuses_bad_settings_before_loading_the_model(override, named, 
 
 
 def test_predict_refuses_top_k_above_the_number_of_classes(trained_run, tiny_sem_dir, tmp_path):
-    from tests.test_predict import best_checkpoint, run_predict
+    from tests.helpers import best_checkpoint, run_predict
 
     with pytest.raises(UserError, match=r"top_k=11, but the model knows 10 classes"):
         run_predict(

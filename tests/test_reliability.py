@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import ROOT, compose_config, tiny_training_overrides
+from tests.helpers import ROOT, PlantedCode, compose_config, tiny_training_overrides
 
 EPOCHS = 4
 
@@ -206,16 +206,6 @@ def test_a_kill_mid_write_keeps_the_checkpoint_when_temp_files_live_on_another_d
     with pytest.raises(KeyboardInterrupt):
         AtomicCheckpointIO().save_checkpoint({"epoch": 2}, target)
     assert torch.load(target, weights_only=True) == {"epoch": 1}
-
-
-class PlantedCode:
-    """Unpickling this creates a file: what a malicious checkpoint could do instead."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):

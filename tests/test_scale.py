@@ -279,12 +279,3 @@ def test_compile_applies_to_a_fine_tuned_backbone_only(tmp_path):
     # model from says nothing of compiling.
     assert not any("_orig_mod" in name for name in compiled.state_dict())
     assert "compile" not in compiled.model.spec
-
-
-def test_gpu_config_trains_in_mixed_precision(tmp_path):
-    import hydra
-
-    # Without a GPU, Lightning still checks the precision setting on a CPU trainer.
-    device = [] if torch.cuda.is_available() else ["trainer.accelerator=cpu"]
-    cfg = compose_config("train", tmp_path, ["trainer=gpu", "logger=none", *device])
-    assert hydra.utils.instantiate(cfg.trainer).precision == "bf16-mixed"
