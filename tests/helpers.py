@@ -271,3 +271,23 @@ class PlantedCode:
 
     def __reduce__(self):
         return (Path.touch, (self.marker,))
+
+
+def start_training(data_dir: Path, work: Path, *overrides: str) -> subprocess.Popen:
+    """train.py as a user starts it, in the background, its output folder `work/run`."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *tiny_training_overrides(data_dir),
+            f"paths.mlruns_dir={work / 'mlruns'}",
+            f"paths.log_dir={work / 'logs'}",
+            f"paths.cache_dir={work / 'cache'}",
+            f"hydra.run.dir={work / 'run'}",
+            *overrides,
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,12 +18,12 @@ import torch
 from lightning import Callback
 
 from tests.helpers import (
-    ROOT,
     assert_user_error,
     cached,
     compose_config,
     run_in_process,
     split_manifest,
+    start_training,
     tiny_backbone,
     tiny_training_overrides,
 )
@@ -79,26 +78,6 @@ def test_a_resumed_run_keeps_its_split_when_the_folder_changed(tiny_sem_dir, tmp
     assert "3 images were added" in log and "does not use them" in log
     assert list(run_dir.glob(".hydra/resumed_*/overrides.yaml"))
     assert not (tmp_path / "logs").exists()
-
-
-def start_training(data_dir: Path, work: Path, *overrides: str) -> subprocess.Popen:
-    """train.py as a user starts it, in the background, its output folder `work/run`."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            *tiny_training_overrides(data_dir),
-            f"paths.mlruns_dir={work / 'mlruns'}",
-            f"paths.log_dir={work / 'logs'}",
-            f"paths.cache_dir={work / 'cache'}",
-            f"hydra.run.dir={work / 'run'}",
-            *overrides,
-        ],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def wait_for(process: subprocess.Popen, found, what: str) -> None:

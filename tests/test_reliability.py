@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import ROOT, PlantedCode, compose_config, tiny_training_overrides
+from tests import helpers
+from tests.helpers import PlantedCode, compose_config, tiny_training_overrides
 
 EPOCHS = 4
 
@@ -29,25 +29,14 @@ def metric_histories(mlruns_dir: Path) -> tuple[object, dict[str, list[tuple[int
 
 
 def start_training(data_dir: Path, work: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            *tiny_training_overrides(data_dir),
-            "data.num_workers=0",  # in-process loading: see docs/reliability.md for loader workers
-            # Images through the backbone every epoch: epochs long enough to be killed inside.
-            "data.cache_features=false",
-            f"trainer.max_epochs={EPOCHS}",
-            f"paths.mlruns_dir={work / 'mlruns'}",
-            f"paths.log_dir={work / 'logs'}",
-            f"paths.cache_dir={work / 'cache'}",
-            f"hydra.run.dir={work / 'run'}",
-            *overrides,
-        ],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    return helpers.start_training(
+        data_dir,
+        work,
+        "data.num_workers=0",  # in-process loading: see docs/reliability.md for loader workers
+        # Images through the backbone every epoch: epochs long enough to be killed inside.
+        "data.cache_features=false",
+        f"trainer.max_epochs={EPOCHS}",
+        *overrides,
     )
 
 
