@@ -43,8 +43,9 @@ def only(paths) -> Path:
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
-    """The demo data (40 images per class) with 20 labels flipped (seeded), 5 photos planted in
-    class folders and 3 images copied into a second class, audited once."""
+    """The demo data (40 images per class) with 20 labels flipped (seeded), 5 images no SEM took
+    (photos, a line drawing, a page of text, colour noise) planted in class folders and 3 images
+    copied into a second class, audited once."""
     from sem_cls.data.synthetic import generate_dataset
 
     work = tmp_path_factory.mktemp("audit")
@@ -59,7 +60,10 @@ def audited(tmp_path_factory):
         path.rename(data / other / path.name)
         flipped.add(f"{other}/{path.name}")
     planted = set()
-    photos = [p for p in write_images_unlike_sem(work / "photos", 5) if p.name.startswith("photo")]
+    # One of each kind, and a second photo: five look-alike photos would be a cluster of their
+    # own, each the others' nearest neighbours, which no k-NN outlier score flags.
+    unlike = write_images_unlike_sem(work / "unlike", per_kind=2)
+    photos = [p for p in unlike if p.stem.endswith("_0")] + [work / "unlike" / "photo_1.png"]
     for photo, name in zip(photos, classes, strict=False):
         shutil.copy(photo, data / name / photo.name)
         planted.add(f"{name}/{photo.name}")
