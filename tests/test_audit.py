@@ -44,8 +44,8 @@ def only(paths) -> Path:
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
     """The demo data (40 images per class) with 20 labels flipped (seeded), 5 images no SEM took
-    (photos, a line drawing, a page of text, colour noise) planted in class folders and 3 images
-    copied into a second class, audited once."""
+    (photos, line drawings, a page of text) planted in class folders and 3 images copied into a
+    second class, audited once."""
     from sem_cls.data.synthetic import generate_dataset
 
     work = tmp_path_factory.mktemp("audit")
@@ -60,10 +60,11 @@ def audited(tmp_path_factory):
         path.rename(data / other / path.name)
         flipped.add(f"{other}/{path.name}")
     planted = set()
-    # One of each kind, and a second photo: five look-alike photos would be a cluster of their
-    # own, each the others' nearest neighbours, which no k-NN outlier score flags.
-    unlike = write_images_unlike_sem(work / "unlike", per_kind=2)
-    photos = [p for p in unlike if p.stem.endswith("_0")] + [work / "unlike" / "photo_1.png"]
+    # Photos, line drawings and a page of text: five look-alike photos would be a cluster of
+    # their own, each the others' nearest neighbours, which no k-NN outlier score flags.
+    write_images_unlike_sem(work / "unlike", per_kind=2)
+    kinds = ("photo_0", "drawing_0", "text_0", "photo_1", "drawing_1")
+    photos = [work / "unlike" / f"{kind}.png" for kind in kinds]
     for photo, name in zip(photos, classes, strict=False):
         shutil.copy(photo, data / name / photo.name)
         planted.add(f"{name}/{photo.name}")
