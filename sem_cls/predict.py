@@ -56,19 +56,25 @@ def collect_inputs(inputs) -> tuple[list[Path], list[Path]]:
 
 def predictions_table(rows: list[dict], top_k: int) -> list[list]:
     """Header and rows of the CSV: path, predicted_class, confidence, novelty, top<i>_class and
-    top<i>_prob for i <= top_k, error. Empty cells where there is no value (not scored, unread)."""
+    top<i>_prob for i <= top_k, the scale (pixel_size_nm, magnification, voltage_kv,
+    instrument), error. Empty cells where there is no value (not scored, unread)."""
+    from sem_cls.data.scale import SCALE_FIELDS  # tifffile: not before the options are checked
+
     header = [*PREDICTIONS_HEADER.split(","), "novelty"]
     for rank in range(1, top_k + 1):
         header += [f"top{rank}_class", f"top{rank}_prob"]
-    table = [[*header, "error"]]
+    table = [[*header, *SCALE_FIELDS, "error"]]
     for row in rows:
+        scale = [row.get(key, "") for key in SCALE_FIELDS]  # from TIFF metadata, or empty
         if row["error"]:
-            table.append([row["path"], "", "", "", *[""] * (2 * top_k), row["error"]])
+            table.append([row["path"], "", "", "", *[""] * (2 * top_k), *scale, row["error"]])
             continue
         ranked = [item for name, p in row["top_k"] for item in (name, f"{p:.6f}")]
         novelty = "" if row["novelty"] is None else f"{row['novelty']:.6f}"
         confidence = f"{row['confidence']:.6f}"
-        table.append([row["path"], row["predicted_class"], confidence, novelty, *ranked, ""])
+        table.append(
+            [row["path"], row["predicted_class"], confidence, novelty, *ranked, *scale, ""]
+        )
     return table
 
 

@@ -27,6 +27,7 @@ from sem_cls.config.predictor import (  # noqa: F401 -- the decision, for every 
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.ingest import check_image
 from sem_cls.data.samples import Sample, SEMImageDataset, eval_preprocessing
+from sem_cls.data.scale import read_scale
 from sem_cls.data.workers import worker_init_fn
 from sem_cls.errors import UserError
 from sem_cls.models.engines import TorchEngine, create_engine
@@ -252,4 +253,9 @@ class Predictor:
                         "its bytes, or a PIL image."
                     )
             probabilities, novelty, errors = self.scores(files, settings, progress)
-        return self.rows(names, probabilities, novelty, errors, settings)
+            # The physical scale where the file's TIFF metadata has it ("" elsewhere).
+            scales = [read_scale(path) for path in files]
+        rows = self.rows(names, probabilities, novelty, errors, settings)
+        for row, scale in zip(rows, scales, strict=True):
+            row.update(scale)
+        return rows

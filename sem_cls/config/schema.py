@@ -104,6 +104,9 @@ class DataConfig:
     folds: int | None = None
     fold: int = 0
     manifest: str | None = None
+    # Images left out of a new split, files untouched (sem_cls.data.exclude): an audit's
+    # issues.csv, a CSV with a `path` column, a text file of paths, or a list of paths.
+    exclude: Any = None
     info_bar: Any = "auto"  # auto | none | rows; OmegaConf 2.3 has no str-or-int type
     max_pixels: int = 50_000_000
     sampler: str = Sampler.none.value  # a Sampler
@@ -150,6 +153,13 @@ class DataConfig:
             "data.info_bar",
             self.info_bar,
             "must be auto, none or a number of pixel rows to cut from the bottom.",
+        )
+        _require(
+            self.exclude is None or isinstance(self.exclude, str | list | tuple),
+            "data.exclude",
+            self.exclude,
+            "must be a file (an audit's issues.csv, a CSV with a path column, or one path per "
+            "line) or a list of image paths relative to data.data_dir.",
         )
         _require(self.max_pixels >= 1, "data.max_pixels", self.max_pixels, "must be 1 or more.")
         _require(

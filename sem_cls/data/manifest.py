@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sem_cls.data import splits as split_lib
+from sem_cls.data.exclude import exclude_listed
 from sem_cls.data.infobar import InfoBarCrop
 from sem_cls.data.samples import Sample
+from sem_cls.data.scale import SCALE_FIELDS, read_scale
 from sem_cls.errors import DataNotFoundError, UserError
 
 if TYPE_CHECKING:  # for annotations only: the ingest CLI builds manifests, so no runtime import
@@ -28,6 +30,9 @@ MANIFEST_FIELDS = (
     "crop_left", "crop_top", "crop_right", "crop_bottom",
 )  # fmt: skip
 CROP_FIELDS = ("crop_left", "crop_top", "crop_right", "crop_bottom")
+# Written after MANIFEST_FIELDS (empty where the file has no FEI or Zeiss metadata); not
+# required when a manifest is read, so manifests of earlier runs stay reusable.
+WRITTEN_FIELDS = (*MANIFEST_FIELDS, *SCALE_FIELDS)
 
 
 def crop_rows(records: list[dict], info_bar) -> list[dict]:
@@ -120,6 +125,7 @@ class SplitManifest:
         rows = crop_rows(records, info_bar)
         for row, group, index in zip(rows, groups.tolist(), split.tolist(), strict=True):
             row.update(group=group, split=SPLITS[index])
+            row.update(read_scale(ingested.root / row["path"]))  # a TIFF's header; else empty
         return cls(ingested.root, rows)._logged()
 
     @classmethod
@@ -196,6 +202,14 @@ class SplitManifest:
                 "a classifier needs two or more class folders, <Class>/*.jpg. Add the other "
                 "classes' folders, or point data.data_dir at them."
             )
+        if data.get("exclude"):
+            if data.get("manifest"):
+                raise UserError(
+                    f"data.exclude and data.manifest={data.manifest} are both set: a manifest "
+                    "is a split reused exactly. Drop data.manifest to split anew without the "
+                    "excluded images."
+                )
+            exclude_listed(ingested, data.exclude)
         if data.get("manifest"):
             return cls.read(data.manifest, ingested)
         return cls.build(
@@ -228,7 +242,7 @@ class SplitManifest:
         """manifest.csv, reusable as data.manifest."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=WRITTEN_FIELDS, extrasaction="ignore", restval="")
             writer.writeheader()
             writer.writerows(self.rows)
         return path
