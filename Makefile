@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo train download test test-fast lint format ui server serve-model app bench clean
+.PHONY: help venv demo train audit download test test-fast lint format ui server serve-model app bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ demo: $(STAMP)  ## train and test on the built-in SEM-like data, tracked in MLfl
 
 train: $(STAMP)  ## train with the default config (InceptionV3 on data/nffa); ARGS="..." for overrides
 	$(PY) train.py $(ARGS)
+
+audit: $(STAMP)  ## audit a data folder: likely label errors, conflicts, outliers, scale (ARGS="data.data_dir=...")
+	$(PY) -m sem_cls.audit $(ARGS)
 
 VARIANT ?= nffa
 download: $(STAMP)  ## fetch the real NFFA-Europe images: VARIANT=nffa (default), nffa_majority, nffa_2017
