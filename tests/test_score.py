@@ -2,18 +2,28 @@
 and runs on a two-node cluster with token authentication. Every Ray here runs in a network and
 PID namespace of its own (unshare): only loopback, and every Ray process ends with the run."""
 
+import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, assert_user_error, best_checkpoint, run_in_process, run_predict
+from tests.helpers import (
+    IMAGE_SUFFIXES,
+    ROOT,
+    assert_user_error,
+    best_checkpoint,
+    run_in_process,
+    run_predict,
+)
+from tests.network_guard import sitecustomize as guard_module
 
 pytestmark = pytest.mark.skipif(
     shutil.which("unshare") is None or os.geteuid() != 0,
@@ -33,10 +43,31 @@ def namespaced(script: str, ray_tmpdir: Path) -> list[str]:
     return ["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c", wrapped]
 
 
+def short_ray_tmpdir() -> Path:
+    """A RAY_TMPDIR of its own, short: Ray's socket paths in it must stay under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix="sem-ray-", dir="/tmp"))
+
+
+@pytest.fixture
+def ray_tmpdir():
+    folder = short_ray_tmpdir()
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def ray_env(ray_tmpdir: Path) -> dict:
+    """The environment of a namespaced Ray run. The namespace has no interface but loopback, so
+    nothing leaves it; the Python network guard stays out, as Ray's dashboard asks the cloud
+    metadata address (169.254.169.254) once at start, usage stats off or not, and fails there."""
     ray_tmpdir.mkdir(parents=True, exist_ok=True)
+    guard = Path(guard_module.__file__).parent
+    python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    environment = {
+        key: value for key, value in os.environ.items() if key != guard_module.LOG_VARIABLE
+    }
     return {
-        **os.environ,
+        **environment,
+        "PYTHONPATH": os.pathsep.join(p for p in python_path if Path(p) != guard),
         "HF_HUB_OFFLINE": "1",
         "RAY_TMPDIR": str(ray_tmpdir),
         "RAY_AUTH_MODE": "token",
@@ -81,14 +112,14 @@ def read_scores(output: Path):
 def write_archive(folder: Path, tiny_sem_dir: Path, copies: int = 1) -> Path:
     """Generated SEM images in nested folders, plus a corrupt, an empty and a non-image file
     named as images, and a file that is no image by its suffix."""
-    images = sorted(tiny_sem_dir.rglob("*.png"))[::4]
+    images = sorted(p for p in tiny_sem_dir.rglob("*") if p.suffix in IMAGE_SUFFIXES)[::4]
     for copy in range(copies):
         for index, image in enumerate(images):
             target = folder / f"instrument_{index % 3}" / f"day_{copy}" / image.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(image, target)
     bad = folder / "bad"
-    bad.mkdir()
+    bad.mkdir(parents=True)
     (bad / "truncated.jpg").write_bytes(images[0].read_bytes()[:300])
     (bad / "empty.png").write_bytes(b"")
     (bad / "notes.tif").write_text("not an image")
@@ -103,7 +134,11 @@ def scored(trained_run, tiny_sem_dir, tmp_path_factory):
     archive = write_archive(tmp_path / "archive", tiny_sem_dir)
     ckpt = best_checkpoint(trained_run[0])
     output = tmp_path / "scores"
-    result = run_score(tmp_path, tmp_path / "ray", ckpt, archive, output, "ray.num_cpus=2")
+    ray_tmpdir = short_ray_tmpdir()
+    try:
+        result = run_score(tmp_path, ray_tmpdir, ckpt, archive, output, "ray.num_cpus=2")
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert result.returncode == 0, result.stderr[-3000:]
     predicted = run_predict(trained_run, tmp_path, ckpt, archive)
     return dict(
@@ -146,11 +181,12 @@ def test_rows_identify_the_file_the_model_and_engine(scored):
     assert set(scores["engine"]) == {"torch"}
 
 
-def test_progress_summary_and_mlflow_run(scored):
+def test_progress_summary_and_mlflow_run(scored, tmp_path):
     import mlflow
 
     result, scores = scored["result"], scored["scores"]
-    assert "images/s" in result.stderr and " left" in result.stderr
+    shown = result.stdout + result.stderr
+    assert "images/s" in shown and " left" in shown
     classified = int((scores["error"] == "").sum())
     assert f"{len(scores)} images scored: {classified} classified" in result.stdout
     assert "3 unreadable" in result.stdout
@@ -164,12 +200,14 @@ def test_progress_summary_and_mlflow_run(scored):
     assert run.data.params["ckpt_path"] == str(scored["ckpt"])
     files = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"class_counts.json", "class_counts.png"} <= files
-    table = mlflow.load_table("class_counts.json", run_ids=[run.info.run_id], tracking_uri=None)
+    saved = client.download_artifacts(run.info.run_id, "class_counts.json", str(tmp_path))
+    table = json.loads(Path(saved).read_text())  # mlflow.log_table's "split" layout
+    assert table["columns"] == ["class", "images"]
     counts = scores[scores["error"] == ""]["predicted_class"].value_counts().to_dict()
-    assert dict(zip(table["class"], table["images"], strict=True)) == counts
+    assert dict(map(tuple, table["data"])) == counts
 
 
-def test_rerun_scores_only_new_and_changed_files(scored, tmp_path):
+def test_rerun_scores_only_new_and_changed_files(scored, tmp_path, ray_tmpdir):
     output = tmp_path / "scores"
     shutil.copytree(scored["output"], output)
     archive = tmp_path / "archive"
@@ -184,22 +222,22 @@ def test_rerun_scores_only_new_and_changed_files(scored, tmp_path):
         table = pq.read_table(shard).to_pandas()
         table["path"] = table["path"].str.replace(str(scored["archive"]), str(archive))
         pq.write_table(pa.Table.from_pandas(table, preserve_index=False), shard)
-    added = archive / "instrument_0" / "later" / "new.png"
+    first = next(archive.rglob("instrument_0/*/*.*"))
+    added = archive / "instrument_0" / "later" / f"new{first.suffix}"
     added.parent.mkdir()
-    first = next(archive.rglob("*.png"))
     shutil.copy(first, added)
-    changed = sorted((archive / "instrument_1").rglob("*.png"))[0]
+    changed = sorted((archive / "instrument_1").rglob("*.*"))[0]
     os.utime(changed, ns=(time.time_ns(), time.time_ns()))
 
-    result = run_score(
-        tmp_path, tmp_path / "ray", scored["ckpt"], archive, output, "ray.num_cpus=2"
-    )
+    result = run_score(tmp_path, ray_tmpdir, scored["ckpt"], archive, output, "ray.num_cpus=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 images scored" in result.stdout
     after = read_scores(output)
     assert len(after) == len(before) + 2
-    new_rows = after[~after.index.isin(range(len(before)))]
-    assert set(new_rows["path"]) == {str(added), str(changed)}
+    identity = ["path", "size", "mtime_ns"]
+    old_keys = set(before[identity].itertuples(index=False))
+    new_rows = [key for key in after[identity].itertuples(index=False) if key not in old_keys]
+    assert {key.path for key in new_rows} == {str(added), str(changed)}
 
 
 def test_unrelated_output_folder_is_refused_and_left_as_it_was(scored, tmp_path):
@@ -248,13 +286,14 @@ def test_bad_input_is_refused_at_once(scored, tmp_path, override, phrases):
 
 
 @pytest.mark.slow
-def test_killed_run_is_completed_by_a_rerun_with_every_file_once(scored, tiny_sem_dir, tmp_path):
+def test_killed_run_is_completed_by_a_rerun_with_every_file_once(
+    scored, tiny_sem_dir, tmp_path, ray_tmpdir
+):
     archive = write_archive(tmp_path / "archive", tiny_sem_dir, copies=6)
     output = tmp_path / "scores"
     command = "exec " + score_command(
         tmp_path, scored["ckpt"], archive, output, "ray.num_cpus=2", "shard_rows=8", "batch_size=4"
     )
-    ray_tmpdir = tmp_path / "ray"
     namespace = subprocess.Popen(
         namespaced(command, ray_tmpdir),
         env=ray_env(ray_tmpdir),
@@ -286,9 +325,8 @@ def test_killed_run_is_completed_by_a_rerun_with_every_file_once(scored, tiny_se
 
 
 @pytest.mark.slow
-def test_two_node_cluster_with_token_authentication(scored, tmp_path):
+def test_two_node_cluster_with_token_authentication(scored, tmp_path, ray_tmpdir):
     ray = Path(sys.executable).with_name("ray")
-    ray_tmpdir = tmp_path / "ray"
     output = tmp_path / "scores"
     port = 6391
     script = " && ".join(
