@@ -206,9 +206,12 @@ def prepare_images(batch: dict, data_config: dict, info_bar, max_pixels: int) ->
 
 class ImageClassifier:
     """A Ray actor: one Predictor built once from the model the driver loaded, classifying
-    prepared batches into shard rows."""
+    batches into shard rows. With `prepare` (prepare_images' settings) it reads and prepares
+    each batch itself: on CPU actors that saves moving every image tensor between processes."""
 
-    def __init__(self, model, settings: dict, recorded: dict, reference: str):
+    def __init__(
+        self, model, settings: dict, recorded: dict, reference: str, prepare: dict | None = None
+    ):
         import ray
         import torch
 
@@ -221,8 +224,11 @@ class ImageClassifier:
         self.engine = str(self.predictor.settings.engine)
         self.node = ray.get_runtime_context().get_node_id()
         self.torch = torch
+        self.prepare = prepare
 
     def __call__(self, batch: dict) -> dict:
+        if self.prepare is not None:
+            batch = prepare_images(batch, **self.prepare)
         errors = [str(error) for error in batch["error"]]
         probabilities, novelty = self.predictor.score_images(self.torch.from_numpy(batch["image"]))
         unread = np.array([bool(error) for error in errors])
@@ -296,10 +302,12 @@ def start_ray(address: str | None, cpus: int | None):
 
 
 def pool_size(resources: dict, ray_cfg) -> int:
-    """Actors that fit beside the decoding tasks: a pool that takes every CPU leaves none for
-    reading and decoding, and the job never progresses."""
+    """Actors that fit on the cluster. GPU actors leave room for the decoding tasks beside them:
+    a pool that takes every CPU leaves none for decoding, and the job never progresses. CPU
+    actors decode their own batches, so they may take every CPU."""
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    per_actor, per_task = ray_cfg.cpus_per_actor, ray_cfg.decode_cpus
+    per_actor = ray_cfg.cpus_per_actor
+    per_task = ray_cfg.decode_cpus if ray_cfg.gpus_per_actor else 0
     fit = int((cpus - per_task) // per_actor) if per_actor > 0 else int(cpus)
     if ray_cfg.gpus_per_actor:
         fit = min(fit, int(gpus // ray_cfg.gpus_per_actor))
@@ -373,20 +381,25 @@ def run_scoring(
             {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "error": f.error}
             for f in files
         ]
-        dataset = ray.data.from_items(items).map_batches(
-            prepare_images,
-            fn_kwargs=dict(
-                data_config=predictor.model.data_config,
-                info_bar=settings.info_bar,
-                max_pixels=settings.max_pixels,
-            ),
-            batch_size=settings.batch_size,
-            num_cpus=ray_cfg.decode_cpus,
+        prepare = dict(
+            data_config=predictor.model.data_config,
+            info_bar=settings.info_bar,
+            max_pixels=settings.max_pixels,
         )
+        dataset = ray.data.from_items(items)
+        if ray_cfg.gpus_per_actor:
+            # GPU actors classify; CPU tasks beside them read and prepare the images.
+            dataset = dataset.map_batches(
+                prepare_images,
+                fn_kwargs=prepare,
+                batch_size=settings.batch_size,
+                num_cpus=ray_cfg.decode_cpus,
+            )
+            prepare = None
         model = ray.put(predictor.model.cpu())
         dataset = dataset.map_batches(
             ImageClassifier,
-            fn_constructor_args=(model, _settings_dict(settings), {}, reference),
+            fn_constructor_args=(model, _settings_dict(settings), {}, reference, prepare),
             batch_size=settings.batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=ray_cfg.cpus_per_actor,
