@@ -347,12 +347,20 @@ class Progress:
                 self.done,
                 self.total,
                 rate,
-                time.strftime("%H:%M:%S", time.gmtime(left)) if left < 8.64e5 else "?",
+                _duration(left),
             )
 
     @property
     def rate(self) -> float:
         return self.done / max(time.monotonic() - self.start, 1e-9)
+
+
+def _duration(seconds: float) -> str:
+    """h:mm:ss, hours past 24 included; ? before the first image."""
+    if seconds == float("inf"):
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def run_scoring(

@@ -207,6 +207,7 @@ def test_progress_summary_and_mlflow_run(scored, tmp_path):
     assert dict(map(tuple, table["data"])) == counts
 
 
+@pytest.mark.slow
 def test_rerun_scores_only_new_and_changed_files(scored, tmp_path, ray_tmpdir):
     output = tmp_path / "scores"
     shutil.copytree(scored["output"], output)
