@@ -330,6 +330,9 @@ def test_two_node_cluster_with_token_authentication(scored, tmp_path, ray_tmpdir
     ray = Path(sys.executable).with_name("ray")
     output = tmp_path / "scores"
     port = 6391
+    connect = (
+        f"timeout 60 '{sys.executable}' -c 'import ray; ray.init(address=\"127.0.0.1:{port}\")'"
+    )
     script = " && ".join(
         [
             f"'{ray}' start --head --port={port} --num-cpus=2 --include-dashboard=false "
@@ -345,6 +348,9 @@ def test_two_node_cluster_with_token_authentication(scored, tmp_path, ray_tmpdir
                 "ray.actors=2",
                 "batch_size=4",
             ),
+            # The same driver with another token is turned away: authentication is on.
+            f"echo right-token-exit=$({connect} >/dev/null 2>&1; echo $?)",
+            f"echo wrong-token-exit=$(RAY_AUTH_TOKEN={'0' * 64} {connect} >/dev/null 2>&1;echo $?)",
         ]
     )
     result = subprocess.run(
@@ -355,6 +361,9 @@ def test_two_node_cluster_with_token_authentication(scored, tmp_path, ray_tmpdir
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "right-token-exit=0" in result.stdout
+    assert "wrong-token-exit=" in result.stdout
+    assert "wrong-token-exit=0" not in result.stdout
     scores = read_scores(output)
     assert scores["node"].nunique() == 2  # both nodes classified
     expected = scored["scores"].set_index("path")
