@@ -194,6 +194,20 @@ class Predictor:
         probabilities[unread], novelty[unread] = np.nan, np.nan
         return probabilities, novelty, errors
 
+    def score_images(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (B, num_classes) and novelty scores (B,) of images already prepared as
+        `dataset` prepares them (B, 3, H, W): for callers that decode elsewhere, such as the Ray
+        tasks of sem_cls.scoring. The same steps as `scores`, one batch."""
+        with torch.inference_mode():
+            images = images.to(self.device)
+            # (B, 3, H, W) -> (B, num_features)
+            features = self.engine(images) if self.engine else self.model.features(images)
+            features = features.to(self.device).float()
+            logits = self.model.head(features)  # (B, num_features) -> (B, num_classes)
+            probabilities = self.model.probabilities(logits).cpu().double().numpy()
+            novelty = self.model.novelty(features).cpu().double().numpy()
+        return probabilities, novelty
+
     def with_options(self, **options) -> PredictorSettings:
         """This predictor's settings with a request's `options` (REST params, the page);
         the ones that shape the loaded engine cannot change per request."""

@@ -1,0 +1,148 @@
+"""score.py on a local Ray against the predict CLI on the same images and cores, and one actor's
+CPU time split into decoding and inference, from which docs/performance.md projects a node.
+
+    python bench/score.py [--images 2000] [--work /tmp/sem-score-bench]
+
+Generates `--images` SEM-like 1024x768 JPEGs and a small demo model (EfficientNet-Lite0, two
+epochs on 80 smaller images) once under --work, then runs both commands as a user would, one
+after the other. score.py runs in a network and PID namespace of its own (unshare, as root), as
+in the tests: Ray there sees only loopback and ends with the run.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def demo_model(work: Path) -> Path:
+    """A Lite0 demo checkpoint, trained once."""
+    found = sorted((work / "model").rglob("checkpoints/epoch_*.ckpt"))
+    if found:
+        return found[0]
+    from sem_cls.data.synthetic import generate_dataset
+
+    data = work / "train-data"
+    if not data.exists():
+        generate_dataset(data, images_per_class=8, seed=0, size=(512, 384))
+    command = [
+        sys.executable, str(ROOT / "train.py"), "experiment=demo", f"data.data_dir={data}",
+        "data.synthetic=null", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+        f"paths.log_dir={work / 'model'}", f"paths.mlruns_dir={work / 'mlruns'}",
+        f"paths.cache_dir={work / 'cache'}",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+    return sorted((work / "model").rglob("checkpoints/epoch_*.ckpt"))[0]
+
+
+def timed(command: list[str], env: dict | None = None) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    if result.returncode:
+        sys.exit(result.stderr[-3000:])
+    return time.perf_counter() - start
+
+
+def actor_split(ckpt: Path, files: list[Path], batch_size: int = 32) -> dict:
+    """One actor's work in this process, on one thread as a 1-CPU Ray actor runs: CPU seconds
+    per image of reading and preparing (prepare_images) against classifying (score_images)."""
+    import numpy as np
+    import torch
+
+    from sem_cls.config.predictor import PredictorSettings
+    from sem_cls.predictor import Predictor
+
+    torch.set_num_threads(1)
+    predictor = Predictor.load(str(ckpt), PredictorSettings(device="cpu"))
+    from sem_cls.scoring import prepare_images
+
+    prepare = dict(
+        data_config=predictor.model.data_config,
+        info_bar=predictor.settings.info_bar,
+        max_pixels=predictor.settings.max_pixels,
+    )
+    decode = infer = 0.0
+    for start in range(0, len(files), batch_size):
+        paths = [str(p) for p in files[start : start + batch_size]]
+        batch = {"path": np.array(paths), "error": np.array([""] * len(paths), dtype=object)}
+        began = time.process_time()
+        batch = prepare_images(batch, **prepare)
+        middle = time.process_time()
+        predictor.score_images(torch.from_numpy(batch["image"]))
+        decode, infer = decode + middle - began, infer + time.process_time() - middle
+    return {
+        "decode_cpu_s_per_image": decode / len(files),
+        "infer_cpu_s_per_image": infer / len(files),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sem-score-bench"))
+    parser.add_argument("--split-images", type=int, default=256, help="for the actor's CPU split")
+    args = parser.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    images = work / f"images-{args.images}"
+    if not images.exists():
+        from sem_cls.data.synthetic import generate_dataset
+
+        generate_dataset(images, images_per_class=args.images // 10, seed=1, size=(1024, 768))
+    files = sorted(p for p in images.rglob("*.jpg"))
+    ckpt = demo_model(work)
+    common = [f"paths.log_dir={work / 'logs'}", f"paths.mlruns_dir={work / 'mlruns'}"]
+
+    output = work / "predictions.csv"
+    output.unlink(missing_ok=True)
+    predict_s = timed(
+        [sys.executable, "-m", "sem_cls.predict", f"ckpt_path={ckpt}", f"inputs={images}",
+         f"output={output}", *common]
+    )  # fmt: skip
+
+    scores = work / "scores"
+    shutil.rmtree(scores, ignore_errors=True)
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="sem-ray-", dir="/tmp"))
+    score = " ".join(
+        f"'{a}'"
+        for a in [sys.executable, str(ROOT / "score.py"), f"ckpt_path={ckpt}", f"inputs={images}",
+                  f"output={scores}", *common]
+    )  # fmt: skip
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmpdir), "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        score_s = timed(
+            ["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
+             f"ip link set lo up && exec {score}"],
+            env,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+    split = actor_split(ckpt, files[: args.split_images])
+    per_image = split["decode_cpu_s_per_image"] + split["infer_cpu_s_per_image"]
+    result = {
+        "images": len(files),
+        "predict_wall_s": round(predict_s, 1),
+        "predict_images_per_s": round(len(files) / predict_s, 2),
+        "score_wall_s": round(score_s, 1),
+        "score_images_per_s": round(len(files) / score_s, 2),
+        "score_vs_predict": round(predict_s / score_s, 3),
+        **{key: round(value, 4) for key, value in split.items()},
+        "one_actor_images_per_s": round(1 / per_image, 2),
+        "load_average": os.getloadavg(),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""A whole archive classified with Ray Data: files listed in the driver, read, checked, cropped
+and resized in CPU tasks, classified by an actor pool that holds one Predictor per actor, and
+written by the driver as Parquet shards into an output folder that a rerun resumes.
+
+The rows are predict's (sem_cls.predictor.Predictor.rows, the one decision), plus the file's
+size and modification time, which identify a file already scored, the model, the engine and
+the Ray node that classified it. Ray is imported here only, by the functions that need it.
+"""
+
+import glob
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sem_cls.config.predictor import PredictorSettings
+from sem_cls.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# The marker of a score output folder: how a rerun knows a folder it may add shards to.
+MARKER = ".sem_cls_score.json"
+SHARD_GLOB = "part-*.parquet"
+# Tells the last shard apart when the driver was killed while writing it: never read.
+PARTIAL_SUFFIX = ".partial"
+CONNECT_TIMEOUT_S = 5
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file to score, and what identifies it: path (absolute), size and mtime in ns."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    error: str = ""  # why it could not be listed (a symlink loop, a broken link)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.path, self.size, self.mtime_ns)
+
+
+def list_inputs(inputs) -> tuple[list[InputFile], list[Path]]:
+    """The image files of `inputs`: folders (walked as ingest and predict walk them), globs
+    (`/archive/**/*.tif`), files named one by one, or a .txt file list (one path a line); and the
+    files of the folders left out as no image by their suffix."""
+    from sem_cls.data.images import is_image_file, walk_files
+
+    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    found: list[tuple[Path, str]] = []
+    left_out = []
+    for item in map(str, items):
+        if glob.has_magic(item):
+            found += [(Path(p), "") for p in sorted(glob.glob(item, recursive=True))]
+            continue
+        path = Path(item)
+        if path.is_dir():
+            for file, error in walk_files(path):
+                if error or is_image_file(file):
+                    found.append((file, error))
+                else:
+                    left_out.append(file)
+        elif path.is_file() and path.suffix == ".txt":
+            lines = path.read_text().splitlines()
+            found += [(Path(line.strip()), "") for line in lines if line.strip()]
+        elif path.is_file():
+            found.append((path, ""))
+        else:
+            raise UserError(f"inputs: {item} is neither a folder, a file nor a glob that matches.")
+    files = []
+    for path, error in found:
+        absolute = os.path.abspath(path)
+        try:
+            info = os.stat(absolute)
+            files.append(InputFile(absolute, info.st_size, info.st_mtime_ns, error))
+        except OSError as err:
+            files.append(InputFile(absolute, -1, -1, error or f"cannot be read: {err.strerror}"))
+    if not files:
+        raise UserError(f"inputs={items} holds no image files (.jpg .png .tif .bmp).")
+    return files, left_out
+
+
+class ScoreOutput:
+    """The output folder: the marker, the shards, the lock. Only files the project named are
+    written, and nothing already there is changed or removed."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.marker = self.folder / MARKER
+
+    def check(self) -> None:
+        """The folder is new, empty or an earlier score output; nothing is written."""
+        folder = self.folder
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise UserError(
+                    f"output={folder} exists and is not a folder; it is left as it is. Give "
+                    "another output=... folder."
+                )
+            if not self.marker.is_file() and any(folder.iterdir()):
+                raise UserError(
+                    f"output={folder} holds files that are not the output of an earlier score "
+                    "run; they are left as they are. Give a new or empty output=... folder."
+                )
+
+    def open(self, description: dict):
+        """Check the folder (check) and lock it for this run, marked as a score output."""
+        self.check()
+        folder = self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(folder / ".sem_cls_score.lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UserError(
+                f"output={folder} is being written by another score run right now. Wait for "
+                "it to finish, or give another output=... folder."
+            ) from None
+        if not self.marker.exists():
+            self.marker.write_text(json.dumps(description, indent=2) + "\n")
+        return lock
+
+    def shards(self) -> list[Path]:
+        return sorted(self.folder.glob(SHARD_GLOB))
+
+    def scored(self) -> set[tuple[str, int, int]]:
+        """(path, size, mtime_ns) of every file in a complete shard."""
+        import pyarrow.parquet as pq
+
+        keys = set()
+        for shard in self.shards():
+            table = pq.read_table(shard, columns=["path", "size", "mtime_ns"])
+            columns = (table[name].to_pylist() for name in table.column_names)
+            keys.update(zip(*columns, strict=True))
+        return keys
+
+    def write_shard(self, table, name: str) -> Path:
+        """A shard written whole or not at all: under a name no reader takes, then renamed."""
+        import pyarrow.parquet as pq
+
+        path = self.folder / name
+        descriptor, partial = tempfile.mkstemp(
+            dir=self.folder, prefix=f".{name}.", suffix=PARTIAL_SUFFIX
+        )
+        os.close(descriptor)
+        try:
+            pq.write_table(table, partial)
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        return path
+
+    def read(self):
+        """Every row scored into this folder so far, as a pandas DataFrame."""
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        shards = self.shards()
+        if not shards:
+            return pd.DataFrame()
+        return pd.concat([pq.read_table(s).to_pandas() for s in shards], ignore_index=True)
+
+
+def shard_schema(top_k: int):
+    """Every shard's columns, fixed, so shards of any run read as one table."""
+    import pyarrow as pa
+
+    fields = [
+        ("path", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("predicted_class", pa.string()),
+        ("confidence", pa.float64()),
+        ("novelty", pa.float64()),
+    ]
+    for rank in range(1, top_k + 1):
+        fields += [(f"top{rank}_class", pa.string()), (f"top{rank}_prob", pa.float64())]
+    fields += [("error", pa.string()), ("model", pa.string()), ("engine", pa.string())]
+    fields += [("node", pa.string())]
+    return pa.schema(fields)
+
+
+def prepare_images(batch: dict, data_config: dict, info_bar, max_pixels: int) -> dict:
+    """A Ray task: read, check, crop and resize a batch of files as predict does (the
+    predictor's dataset), (B, 3, H, W) float32 images and each file's error."""
+    from sem_cls.predictor import ImagesToClassify
+
+    dataset = ImagesToClassify([Path(p) for p in batch["path"]], data_config, info_bar, max_pixels)
+    images, errors = [], []
+    for index, listed_error in enumerate(batch["error"]):
+        image, error = dataset[index]
+        images.append(image.numpy())
+        errors.append(listed_error or error)
+    return {**batch, "image": np.stack(images), "error": np.array(errors, dtype=object)}
+
+
+class ImageClassifier:
+    """A Ray actor: one Predictor built once from the model the driver loaded, classifying
+    batches into shard rows. With `prepare` (prepare_images' settings) it reads and prepares
+    each batch itself: on CPU actors that saves moving every image tensor between processes."""
+
+    def __init__(
+        self, model, settings: dict, recorded: dict, reference: str, prepare: dict | None = None
+    ):
+        import ray
+        import torch
+
+        from sem_cls.predictor import Predictor
+
+        if isinstance(model, ray.ObjectRef):  # Ray Data hands constructor args on as they are
+            model = ray.get(model)
+        self.predictor = Predictor(model, PredictorSettings(**settings), recorded)
+        self.reference = reference
+        self.engine = str(self.predictor.settings.engine)
+        self.node = ray.get_runtime_context().get_node_id()
+        self.torch = torch
+        self.prepare = prepare
+
+    def __call__(self, batch: dict) -> dict:
+        if self.prepare is not None:
+            batch = prepare_images(batch, **self.prepare)
+        errors = [str(error) for error in batch["error"]]
+        probabilities, novelty = self.predictor.score_images(self.torch.from_numpy(batch["image"]))
+        unread = np.array([bool(error) for error in errors])
+        probabilities[unread], novelty[unread] = np.nan, np.nan
+        rows = self.predictor.rows(list(batch["path"]), probabilities, novelty, errors)
+        top_k = self.predictor.settings.top_k
+        columns = {
+            "path": batch["path"],
+            "size": batch["size"],
+            "mtime_ns": batch["mtime_ns"],
+            "predicted_class": np.array([row["predicted_class"] for row in rows], dtype=object),
+            "confidence": _numbers(row["confidence"] for row in rows),
+            "novelty": _numbers(row["novelty"] for row in rows),
+        }
+        for rank in range(top_k):
+            ranked = [row["top_k"][rank] if row["top_k"] else ("", None) for row in rows]
+            columns[f"top{rank + 1}_class"] = np.array([c or None for c, _ in ranked], dtype=object)
+            columns[f"top{rank + 1}_prob"] = _numbers(p for _, p in ranked)
+        columns["error"] = np.array(errors, dtype=object)
+        columns["model"] = np.array([self.reference] * len(rows), dtype=object)
+        columns["engine"] = np.array([self.engine] * len(rows), dtype=object)
+        columns["node"] = np.array([self.node] * len(rows), dtype=object)
+        return columns
+
+
+def _numbers(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def check_address(address: str) -> None:
+    """An address to connect to answers within CONNECT_TIMEOUT_S, or the run stops naming it:
+    Ray itself would retry for a minute or more."""
+    if address == "auto":
+        return  # Ray finds the cluster this node belongs to, or says there is none at once
+    host_port = address.removeprefix("ray://")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(
+            f"ray.address={address} is not host:port, ray://host:port or auto; leave it unset "
+            "(null) to start a local Ray on this machine."
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise UserError(
+            f"ray.address={address} does not answer ({err.strerror or err}). Start the cluster "
+            "(`ray start --head`), check the address, or leave ray.address unset for a local Ray."
+        ) from None
+
+
+def start_ray(address: str | None, cpus: int | None):
+    """Connect to the cluster at `address`, or start a local Ray sized to this machine. A local
+    Ray always starts anew (address="local"): a killed earlier head leaves a record of its
+    cluster behind, which a plain ray.init() would try to join."""
+    import ray
+
+    options = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    if address is None:
+        ray.init(address="local", num_cpus=cpus, **options)
+    else:
+        import sem_cls
+
+        # The project's code travels with the job: a node needs the environment, not the code.
+        runtime_env = {"py_modules": [os.path.dirname(sem_cls.__file__)]}
+        try:
+            ray.init(address=str(address), runtime_env=runtime_env, **options)
+        except (ConnectionError, RuntimeError) as err:
+            raise UserError(f"ray.address={address}: {str(err).splitlines()[0]}") from None
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+def pool_size(resources: dict, ray_cfg) -> int:
+    """Actors that fit on the cluster. GPU actors leave room for the decoding tasks beside them:
+    a pool that takes every CPU leaves none for decoding, and the job never progresses. CPU
+    actors decode their own batches, so they may take every CPU."""
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    per_actor = ray_cfg.cpus_per_actor
+    per_task = ray_cfg.decode_cpus if ray_cfg.gpus_per_actor else 0
+    fit = int((cpus - per_task) // per_actor) if per_actor > 0 else int(cpus)
+    if ray_cfg.gpus_per_actor:
+        fit = min(fit, int(gpus // ray_cfg.gpus_per_actor))
+    if fit < 1:
+        raise UserError(
+            f"The Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs: one decoding task "
+            f"(ray.decode_cpus={per_task}) and one actor (ray.cpus_per_actor={per_actor}, "
+            f"ray.gpus_per_actor={ray_cfg.gpus_per_actor}) do not fit. Lower them or add nodes."
+        )
+    if ray_cfg.actors is None:
+        return fit
+    if ray_cfg.actors > fit:
+        raise UserError(
+            f"ray.actors={ray_cfg.actors}, but only {fit} fit on this cluster beside the "
+            f"decoding tasks ({cpus:g} CPUs, {gpus:g} GPUs); give ray.actors={fit} or fewer, "
+            "or null to size the pool to the cluster."
+        )
+    return ray_cfg.actors
+
+
+class Progress:
+    """A line every few seconds: images done, images/s, time left."""
+
+    def __init__(self, total: int, every_s: float = 10.0):
+        self.total, self.done, self.every_s = total, 0, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            left = (self.total - self.done) / rate if rate else float("inf")
+            log.info(
+                "Scored %d/%d images, %.1f images/s, %s left",
+                self.done,
+                self.total,
+                rate,
+                _duration(left),
+            )
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.start, 1e-9)
+
+
+def _duration(seconds: float) -> str:
+    """h:mm:ss, hours past 24 included; ? before the first image."""
+    if seconds == float("inf"):
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def run_scoring(
+    files: list[InputFile],
+    output: ScoreOutput,
+    predictor,
+    reference: str,
+    ray_cfg,
+    shard_rows: int,
+) -> tuple[Counter, int, float, dict]:
+    """Score `files` on Ray into `output`; (decisions, errors, images/s, job facts)."""
+    import pyarrow as pa
+
+    ray = start_ray(ray_cfg.address, ray_cfg.get("num_cpus"))
+    try:
+        actors = pool_size(ray.cluster_resources(), ray_cfg)
+        settings = predictor.settings
+        log.info(
+            "Ray: %s; %d actor(s), %s CPU(s) each; %d images to score",
+            ray.cluster_resources(),
+            actors,
+            ray_cfg.cpus_per_actor,
+            len(files),
+        )
+        items = [
+            {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "error": f.error}
+            for f in files
+        ]
+        prepare = dict(
+            data_config=predictor.model.data_config,
+            info_bar=settings.info_bar,
+            max_pixels=settings.max_pixels,
+        )
+        dataset = ray.data.from_items(items)
+        if ray_cfg.gpus_per_actor:
+            # GPU actors classify; CPU tasks beside them read and prepare the images.
+            dataset = dataset.map_batches(
+                prepare_images,
+                fn_kwargs=prepare,
+                batch_size=settings.batch_size,
+                num_cpus=ray_cfg.decode_cpus,
+            )
+            prepare = None
+        model = ray.put(predictor.model.cpu())
+        dataset = dataset.map_batches(
+            ImageClassifier,
+            fn_constructor_args=(model, _settings_dict(settings), {}, reference, prepare),
+            batch_size=settings.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=ray_cfg.cpus_per_actor,
+            num_gpus=ray_cfg.gpus_per_actor,
+        )
+        schema = shard_schema(settings.top_k)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+        progress = Progress(len(files))
+        decisions, errors, pending, count, shards = Counter(), 0, [], 0, 0
+        nodes = Counter()
+        last_write = time.monotonic()
+
+        def flush():
+            nonlocal pending, count, shards, last_write
+            if pending:
+                table = pa.concat_tables(pending)
+                output.write_shard(table, f"part-{stamp}-{shards:06d}.parquet")
+                shards += 1
+            pending, count, last_write = [], 0, time.monotonic()
+
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+            pending.append(pa.Table.from_pandas(batch, schema=schema, preserve_index=False))
+            count += len(batch)
+            decisions.update(batch["predicted_class"][batch["error"] == ""])
+            errors += int((batch["error"] != "").sum())
+            nodes.update(batch["node"])
+            progress.update(len(batch))
+            # A killed driver loses at most one shard's rows, which a rerun scores again.
+            if count >= shard_rows or time.monotonic() - last_write > 60:
+                flush()
+        flush()
+        facts = {"actors": actors, "shards": shards, "nodes": dict(nodes)}
+        return decisions, errors, progress.rate, facts
+    finally:
+        ray.shutdown()
+
+
+def _settings_dict(settings: PredictorSettings) -> dict:
+    """Settings as plain values for the actors (the engine as its name)."""
+    values = dict(vars(settings))
+    if values["engine"] is not None:
+        values["engine"] = str(getattr(values["engine"], "value", values["engine"]))
+    return values
