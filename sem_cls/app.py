@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sem_cls.config.predictor import PredictorSettings
-from sem_cls.errors import UserError, check_command_line, exits_on_user_error
+from sem_cls.errors import UserError, exits_on_user_error, run_command
 
 TABLE_HEADERS = ["image", "class", "confidence", "top classes", "uncertain", "unknown", "novelty",
                  "error"]  # fmt: skip
@@ -253,14 +253,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import hydra
 
-    check_command_line(Path(__file__).resolve().parents[1] / "conf", "app")
-
     @hydra.main(version_base="1.3", config_path="../conf", config_name="app")
     @exits_on_user_error
     def run(cfg) -> None:
         serve(cfg)
 
-    run()
+    run_command(run)  # one composition; Hydra's refusals end with exit code 2
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from sem_cls.config.predictor import PredictorSettings
-from sem_cls.errors import UserError, check_command_line, exits_on_user_error
+from sem_cls.errors import UserError, exits_on_user_error, run_command
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +178,12 @@ def main() -> None:
     # Hydra only for the command line.
     import hydra
 
-    check_command_line(Path(__file__).resolve().parents[1] / "conf", "predict")
-
     @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
     @exits_on_user_error
     def run(cfg) -> None:
         predict(cfg)
 
-    run()
+    run_command(run)  # one composition; Hydra's refusals end with exit code 2
 
 
 if __name__ == "__main__":
