@@ -290,3 +290,45 @@ def test_training_with_openvino_logs_a_model_that_carries_the_conversion(
         )
     )
     assert table["error"].eq("").all() and table["confidence"].gt(0).all()
+
+
+# Prediction with a converted backbone in the cache, in a process of its own: which modules it
+# imported is the point (timm pulls in torchvision and torch._dynamo, a second torch's import).
+PREDICT_WITHOUT_TIMM = textwrap.dedent(
+    """
+    import sys
+    from sem_cls.config.predictor import PredictorSettings
+    from sem_cls.predictor import Predictor
+    settings = PredictorSettings(engine="auto", bf16=False, num_workers=0, device="cpu")
+    predictor = Predictor.load(sys.argv[1], settings, cache_dir=sys.argv[2])
+    (row,) = predictor.predict([sys.argv[3]])
+    assert predictor.model.backbone is None and not row["error"], row
+    print(sorted(name for name in ("timm", "torchvision") if name in sys.modules))
+    """
+)
+
+
+def test_a_cached_converted_backbone_predicts_without_building_the_backbone(
+    trained_run, tiny_sem_dir
+):
+    from sem_cls.config.predictor import PredictorSettings
+    from sem_cls.predictor import Predictor
+
+    checkpoint = best_checkpoint(trained_run[0])
+    converted = trained_run[0].paths.cache_dir + "/engines"  # where training converted it
+    files = image_files(tiny_sem_dir)[:8]
+    settings = PredictorSettings(engine="auto", bf16=False, num_workers=0, device="cpu")
+    cached = Predictor.load(checkpoint, settings, cache_dir=converted)
+    assert cached.model.backbone is None and isinstance(cached.engine, OpenVINOEngine)
+    built = Predictor.load(checkpoint, settings)  # no cache: the backbone built and converted
+    assert built.model.backbone is not None
+    (probabilities, novelty, errors), expected = cached.scores(files), built.scores(files)
+    np.testing.assert_allclose(probabilities, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(novelty, expected[1], rtol=1e-5, atol=1e-6)
+    assert errors == expected[2] == [""] * len(files)
+    result = subprocess.run(
+        [sys.executable, "-c", PREDICT_WITHOUT_TIMM, str(checkpoint), converted, str(files[0])],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", "imported " + result.stdout
