@@ -20,6 +20,8 @@ def test_evaluation_transform_is_timms(name):
     timms = timm.data.create_transform(**config, is_training=False)
     ours, _ = eval_preprocessing(config)
     assert isinstance(ours, EvalTransform)
+    # It keys the feature cache: the same in every process, another for another config.
+    assert repr(ours) == repr(eval_preprocessing(dict(config))[0]) and "0x" not in repr(ours)
     rng = np.random.default_rng(0)
     for width, height in [(1024, 768), (512, 384), (768, 1024), (300, 301), (1023, 700)]:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -332,3 +332,11 @@ def test_a_cached_converted_backbone_predicts_without_building_the_backbone(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", "imported " + result.stdout
+
+
+def test_training_records_the_engine_it_chose_and_why(trained_run):
+    _, _, client, run = trained_run
+    tags = client.get_run(run.info.run_id).data.tags
+    # The demo's frozen backbone on this CPU: engine auto chose OpenVINO, and says why.
+    assert tags["feature_engine"].startswith("openvino ")
+    assert "auto: a frozen backbone on the CPU" in tags["feature_engine"]

@@ -79,6 +79,14 @@ class EvalTransform:
         self.mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
         self.std = torch.tensor(data_config["std"]).view(3, 1, 1)
 
+    def __repr__(self) -> str:
+        # Part of the feature cache's key: what the transform does, never where it sits.
+        return (
+            f"EvalTransform(size={self.size}, short_side={self.short_side}, "
+            f"resample={self.resample.name}, mean={self.mean.flatten().tolist()}, "
+            f"std={self.std.flatten().tolist()})"
+        )
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         width, height = image.size
         # torchvision.transforms.Resize(int) on a PIL image: the long side truncated.
