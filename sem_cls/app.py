@@ -51,6 +51,7 @@ class DemoClassifier:
             PredictorSettings.from_config(cfg),
             tracking_uri=cfg.get("tracking_uri"),
             cache_dir=Path(cfg.paths.cache_dir) / "engines",
+            with_backbone=True,  # Grad-CAM runs the backbone module
         )
         self.model = self.predictor.model
         self.min_confidence = self.predictor.settings.min_confidence

@@ -153,17 +153,19 @@ class Predictor:
         settings: PredictorSettings,
         tracking_uri: str | None = None,
         cache_dir: str | Path | None = None,
+        with_backbone: bool = False,
     ) -> "Predictor":
         """The predictor of a .ckpt file, an MLflow model URI (models:/..., runs:/...) or a
         downloaded MLflow model folder; `cache_dir` keeps converted OpenVINO backbones. A frozen
         backbone whose converted model is cached there is not built at all: neither timm nor
-        the backbone module is needed to classify with it."""
+        the backbone module is needed to classify with it, unless `with_backbone` (Grad-CAM
+        needs the module)."""
         device = cls._device(settings.device)
         found = {}
 
         def needs_backbone(spec: dict, backbone_state: dict) -> bool:
             kind, _ = resolve_engine(str(settings.engine or "auto"), device, frozen=True)
-            if kind != "openvino":
+            if with_backbone or kind != "openvino":
                 return True
             from sem_cls.data.features import state_digest
 
