@@ -340,3 +340,19 @@ def test_training_records_the_engine_it_chose_and_why(trained_run):
     # The demo's frozen backbone on this CPU: engine auto chose OpenVINO, and says why.
     assert tags["feature_engine"].startswith("openvino ")
     assert "auto: a frozen backbone on the CPU" in tags["feature_engine"]
+
+
+def test_the_page_keeps_grad_cam_where_the_converted_backbone_is_cached(
+    trained_run, tiny_sem_dir, tmp_path
+):
+    import shutil
+
+    import sem_cls.app as app
+
+    # The converted backbone training made, in the page's cache.
+    shutil.copytree(trained_run[0].paths.cache_dir + "/engines", tmp_path / "cache" / "engines")
+    checkpoint = best_checkpoint(trained_run[0])
+    classifier = app.DemoClassifier(compose_config("app", tmp_path, [f"ckpt_path={checkpoint}"]))
+    assert isinstance(classifier.predictor.engine, OpenVINOEngine)
+    (row,) = classifier.classify(image_files(tiny_sem_dir)[:1])
+    assert row.cam is not None and row.cam.ndim == 3
