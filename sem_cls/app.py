@@ -51,6 +51,7 @@ class DemoClassifier:
             PredictorSettings.from_config(cfg),
             tracking_uri=cfg.get("tracking_uri"),
             cache_dir=Path(cfg.paths.cache_dir) / "engines",
+            with_backbone=True,  # Grad-CAM runs the backbone module
         )
         self.model = self.predictor.model
         self.min_confidence = self.predictor.settings.min_confidence
@@ -258,7 +259,7 @@ def main() -> None:
     def run(cfg) -> None:
         serve(cfg)
 
-    run_command(run)
+    run_command(run)  # one composition; Hydra's refusals end with exit code 2
 
 
 if __name__ == "__main__":

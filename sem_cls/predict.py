@@ -189,7 +189,7 @@ def main() -> None:
     def run(cfg) -> None:
         predict(cfg)
 
-    run_command(run)
+    run_command(run)  # one composition; Hydra's refusals end with exit code 2
 
 
 if __name__ == "__main__":

@@ -30,7 +30,14 @@ from sem_cls.data.samples import Sample, SEMImageDataset, eval_preprocessing
 from sem_cls.data.scale import read_scale
 from sem_cls.data.workers import worker_init_fn
 from sem_cls.errors import UserError
-from sem_cls.models.engines import TorchEngine, create_engine
+from sem_cls.models.engines import (
+    OpenVINOEngine,
+    TorchEngine,
+    cached_model,
+    converted_model_key,
+    create_engine,
+    resolve_engine,
+)
 from sem_cls.models.loading import load_model
 from sem_cls.models.model import SEMModel
 
@@ -79,7 +86,10 @@ class Predictor:
         settings: PredictorSettings,
         recorded: dict | None = None,
         cache_dir: str | Path | None = None,
+        weights: str | None = None,
     ):
+        """`weights`: the backbone's weights digest, needed where the model was loaded without
+        its backbone (Predictor.load, for a converted model in `cache_dir`)."""
         recorded = recorded or {}
         check_top_k(settings, len(model.class_names))
         # Unset preprocessing follows what an MLflow model recorded of its training; a .ckpt
@@ -89,7 +99,8 @@ class Predictor:
             if settings.info_bar is not None
             else recorded.get("info_bar", "auto"),
             "bf16": settings.bf16 if settings.bf16 is not None else recorded.get("bf16", True),
-            "engine": settings.engine or recorded.get("engine", "torch"),
+            # The same rule as training's data.engine=auto, whatever engine training ran.
+            "engine": settings.engine or "auto",
         }
         self.settings = dataclasses.replace(settings, **resolved)
         self.model = model.eval()
@@ -104,18 +115,22 @@ class Predictor:
         self.engine = None
         if model.frozen:
             # A frozen backbone runs as the feature cache ran it in training and evaluation
-            # (its engine, bf16 where native), so the head sees the features it was fit on.
-            self.engine = (
-                TorchEngine(model.backbone, self.settings.bf16)
-                if engine == "torch"
-                else create_engine(
-                    engine,
-                    model.backbone,
-                    tuple(model.data_config["input_size"]),
-                    self.settings.bf16,
-                    cache_dir,
-                )
-            )
+            # (bf16 where native), so the head sees the features it was fit on.
+            kind, why = resolve_engine(engine, self.device, frozen=True)
+            if model.backbone is None:  # loaded for its cached converted backbone
+                self.engine = OpenVINOEngine(
+                    None, tuple(model.data_config["input_size"]), self.settings.bf16, cache_dir,
+                    weights, architecture=model.spec["backbone"].split(".")[0],
+                    num_features=model.spec["num_features"],
+                )  # fmt: skip
+            elif kind == "torch":
+                self.engine = TorchEngine(model.backbone, self.settings.bf16)
+            else:
+                self.engine = create_engine(
+                    kind, model.backbone, tuple(model.data_config["input_size"]),
+                    self.settings.bf16, cache_dir,
+                )  # fmt: skip
+            log.info("Engine: %s %s (%s)", self.engine.name, self.engine.precision, why)
         if self.settings.novelty and not model.has_novelty:
             # Said once, so a missing `unknown` is not a surprise.
             log.warning("This model has no novelty references: no image is marked `unknown`.")
@@ -139,11 +154,30 @@ class Predictor:
         settings: PredictorSettings,
         tracking_uri: str | None = None,
         cache_dir: str | Path | None = None,
+        with_backbone: bool = False,
     ) -> "Predictor":
         """The predictor of a .ckpt file, an MLflow model URI (models:/..., runs:/...) or a
-        downloaded MLflow model folder; `cache_dir` keeps converted OpenVINO backbones."""
-        model, recorded = load_model(reference, tracking_uri)
-        return cls(model, settings, recorded, cache_dir)
+        downloaded MLflow model folder; `cache_dir` keeps converted OpenVINO backbones. A frozen
+        backbone whose converted model is cached there is not built at all: neither timm nor
+        the backbone module is needed to classify with it, unless `with_backbone` (Grad-CAM
+        needs the module)."""
+        device = cls._device(settings.device)
+        found = {}
+
+        def needs_backbone(spec: dict, backbone_state: dict) -> bool:
+            kind, _ = resolve_engine(str(settings.engine or "auto"), device, frozen=True)
+            if with_backbone or kind != "openvino":
+                return True
+            from sem_cls.data.features import state_digest
+
+            found["weights"] = state_digest(backbone_state)
+            architecture = spec["backbone"].split(".")[0]  # timm's name without its tag
+            input_size = spec["data_config"]["input_size"]
+            key = converted_model_key(architecture, found["weights"], input_size)
+            return cached_model(cache_dir, key) is None
+
+        model, recorded = load_model(reference, tracking_uri, needs_backbone=needs_backbone)
+        return cls(model, settings, recorded, cache_dir, found.get("weights"))
 
     @property
     def class_names(self) -> list[str]:

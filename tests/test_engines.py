@@ -107,7 +107,9 @@ def test_openvino_features_agree_with_torch(lite0, images, openvino_engine):
 
 def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatch):
     engine, cache = openvino_engine
-    assert sorted(p.name for p in cache.iterdir()) == [f"{engine.key}.bin", f"{engine.key}.xml"]
+    assert sorted(p.name for p in cache.iterdir()) == [
+        f"{engine.key}{suffix}" for suffix in (".bin", ".json", ".xml")
+    ]
     ov = engines.import_openvino()
 
     def no_conversion(*args, **kwargs):
@@ -121,6 +123,42 @@ def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatc
         next(other.parameters()).add_(1e-3)
     with pytest.raises(UserError, match="converted again"):
         create_engine("openvino", other, (3, 224, 224), False, cache)  # other weights: new key
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda xml: xml.with_suffix(".bin").write_bytes(b"\0" * 64),  # a disk gone bad
+        lambda xml: xml.with_suffix(".json").unlink(),  # left by an older version, or a crash
+        lambda xml: xml.with_suffix(".json").write_text('{"key": "another model"}'),
+    ],
+    ids=["damaged weights", "no record", "foreign record"],
+)
+def test_a_damaged_or_foreign_converted_model_is_converted_again(lite0, images, tmp_path, damage):
+    engine = create_engine("openvino", lite0.backbone, (3, 224, 224), False, tmp_path)
+    expected = engine(images[:2])
+    xml = tmp_path / f"{engine.key}.xml"
+    damage(xml)
+    again = create_engine("openvino", lite0.backbone, (3, 224, 224), False, tmp_path)
+    assert engines.cached_model(tmp_path, engine.key) == xml, "rebuilt and recorded"
+    assert cosine_similarity(again(images[:2]), expected).min() >= 0.9999
+
+
+@pytest.mark.parametrize(
+    ("device", "frozen", "distributed", "expected"),
+    [
+        ("cpu", True, False, "openvino"),
+        ("cuda", True, False, "torch"),
+        ("cpu", False, False, "torch"),  # fine-tuning
+        ("cpu", True, True, "torch"),  # DDP
+    ],
+)
+def test_auto_engine_is_openvino_for_a_frozen_backbone_on_one_cpu_process(
+    device, frozen, distributed, expected
+):
+    kind, why = engines.resolve_engine("auto", torch.device(device), frozen, distributed)
+    assert kind == expected and why.startswith("auto: ")
+    assert engines.resolve_engine("torch", torch.device("cpu"), True)[0] == "torch"
 
 
 # Two engines made and released in turn, then a signal with a Python handler (as Ctrl-C is,
@@ -158,12 +196,14 @@ def test_feature_cache_keys_the_engine(lite0, openvino_engine, tmp_path):
     assert torch_key != cache.backbone_key(openvino_engine[0], {})
 
 
-# How far a confidence may move from the fp32 reference's, by the precision an engine computes
-# in: (largest, mean) absolute gap. fp32 engines differ in summation order only. bf16 keeps 8
-# bits of mantissa; the tiny demo's temperature (about 0.2) sharpens the logits five-fold, so an
-# image near the decision boundary moved by up to 0.033 (torch) and 0.086 (OpenVINO) on an
-# AVX512-BF16 CPU, while the mean gap stayed near 0.004. The mean catches a drift of them all.
+# How far a confidence and a novelty score (cosine distance) may move from the fp32 reference's,
+# by the precision an engine computes in: (largest, mean) absolute gap. fp32 engines differ in
+# summation order only. bf16 keeps 8 bits of mantissa; the tiny demo's temperature (about 0.2)
+# sharpens the logits five-fold, so an image near the decision boundary moved by up to 0.033
+# (torch) and 0.086 (OpenVINO) on an AVX512-BF16 CPU, while the mean gap stayed near 0.004;
+# novelty by up to 0.009 (torch) and 0.017 (OpenVINO). The mean catches a drift of them all.
 CONFIDENCE_TOLERANCE = {"fp32": (0.01, 0.002), "bf16": (0.12, 0.01)}
+NOVELTY_TOLERANCE = {"fp32": (0.002, 0.0005), "bf16": (0.03, 0.005)}
 
 
 def test_demo_predictions_agree_between_engines(trained_run, tiny_sem_dir, tmp_path):
@@ -174,18 +214,32 @@ def test_demo_predictions_agree_between_engines(trained_run, tiny_sem_dir, tmp_p
 
     reference = predict("engine=torch", "bf16=false")  # fp32 everywhere
     rows = {kind: predict(f"engine={kind}") for kind in ("torch", "openvino")}  # bf16 if native
-    cpu_bf16 = native_bf16(torch.device("cpu"))
+    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
     for kind, predicted in rows.items():
         assert [r["path"] for r in predicted] == [r["path"] for r in reference]
-        assert [r["predicted_class"] for r in predicted] == [
-            r["predicted_class"] for r in reference
-        ], kind
-        confidence = np.array([float(r["confidence"]) for r in predicted])
-        expected = np.array([float(r["confidence"]) for r in reference])
-        largest, mean = CONFIDENCE_TOLERANCE["bf16" if cpu_bf16 else "fp32"]
-        gap = abs(confidence - expected)
-        print(f"{kind}: confidence gap to fp32, largest {gap.max():.4f}, mean {gap.mean():.4f}")
-        assert gap.max() <= largest and gap.mean() <= mean, kind
+        gaps = {}
+        for column, tolerance in (
+            ("confidence", CONFIDENCE_TOLERANCE),
+            ("novelty", NOVELTY_TOLERANCE),
+        ):
+            values = np.array([float(r[column]) for r in predicted])
+            expected = np.array([float(r[column]) for r in reference])
+            gaps[column] = gap = abs(values - expected)
+            largest, mean = tolerance[precision]
+            print(f"{kind}: {column} gap to fp32, largest {gap.max():.4f}, mean {gap.mean():.4f}")
+            assert gap.max() <= largest and gap.mean() <= mean, (kind, column)
+        for row, expected, confidence_gap in zip(
+            predicted, reference, gaps["confidence"], strict=True
+        ):
+            # A class may change only where the reference's top two are closer than the
+            # confidence may move; `unknown` may come or go only at the novelty threshold,
+            # which the novelty gap bounds above.
+            margin = float(expected["top1_prob"]) - float(expected["top2_prob"])
+            if margin > 2 * CONFIDENCE_TOLERANCE[precision][0]:
+                assert row["top1_class"] == expected["top1_class"], (kind, row["path"])
+            if row["predicted_class"] != expected["predicted_class"]:
+                decisions = {row["predicted_class"], expected["predicted_class"]}
+                assert "unknown" in decisions or margin <= 2 * confidence_gap, (kind, row)
     assert list((tmp_path / "cache" / "engines").glob("*.xml")), "converted under cache_dir"
 
 
@@ -236,3 +290,69 @@ def test_training_with_openvino_logs_a_model_that_carries_the_conversion(
         )
     )
     assert table["error"].eq("").all() and table["confidence"].gt(0).all()
+
+
+# Prediction with a converted backbone in the cache, in a process of its own: which modules it
+# imported is the point (timm pulls in torchvision and torch._dynamo, a second torch's import).
+PREDICT_WITHOUT_TIMM = textwrap.dedent(
+    """
+    import sys
+    from sem_cls.config.predictor import PredictorSettings
+    from sem_cls.predictor import Predictor
+    settings = PredictorSettings(engine="auto", bf16=False, num_workers=0, device="cpu")
+    predictor = Predictor.load(sys.argv[1], settings, cache_dir=sys.argv[2])
+    (row,) = predictor.predict([sys.argv[3]])
+    assert predictor.model.backbone is None and not row["error"], row
+    print(sorted(name for name in ("timm", "torchvision") if name in sys.modules))
+    """
+)
+
+
+def test_a_cached_converted_backbone_predicts_without_building_the_backbone(
+    trained_run, tiny_sem_dir
+):
+    from sem_cls.config.predictor import PredictorSettings
+    from sem_cls.predictor import Predictor
+
+    checkpoint = best_checkpoint(trained_run[0])
+    converted = trained_run[0].paths.cache_dir + "/engines"  # where training converted it
+    files = image_files(tiny_sem_dir)[:8]
+    settings = PredictorSettings(engine="auto", bf16=False, num_workers=0, device="cpu")
+    cached = Predictor.load(checkpoint, settings, cache_dir=converted)
+    assert cached.model.backbone is None and isinstance(cached.engine, OpenVINOEngine)
+    built = Predictor.load(checkpoint, settings)  # no cache: the backbone built and converted
+    assert built.model.backbone is not None
+    (probabilities, novelty, errors), expected = cached.scores(files), built.scores(files)
+    np.testing.assert_allclose(probabilities, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(novelty, expected[1], rtol=1e-5, atol=1e-6)
+    assert errors == expected[2] == [""] * len(files)
+    result = subprocess.run(
+        [sys.executable, "-c", PREDICT_WITHOUT_TIMM, str(checkpoint), converted, str(files[0])],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", "imported " + result.stdout
+
+
+def test_training_records_the_engine_it_chose_and_why(trained_run):
+    _, _, client, run = trained_run
+    tags = client.get_run(run.info.run_id).data.tags
+    # The demo's frozen backbone on this CPU: engine auto chose OpenVINO, and says why.
+    assert tags["feature_engine"].startswith("openvino ")
+    assert "auto: a frozen backbone on the CPU" in tags["feature_engine"]
+
+
+def test_the_page_keeps_grad_cam_where_the_converted_backbone_is_cached(
+    trained_run, tiny_sem_dir, tmp_path
+):
+    import shutil
+
+    import sem_cls.app as app
+
+    # The converted backbone training made, in the page's cache.
+    shutil.copytree(trained_run[0].paths.cache_dir + "/engines", tmp_path / "cache" / "engines")
+    checkpoint = best_checkpoint(trained_run[0])
+    classifier = app.DemoClassifier(compose_config("app", tmp_path, [f"ckpt_path={checkpoint}"]))
+    assert isinstance(classifier.predictor.engine, OpenVINOEngine)
+    (row,) = classifier.classify(image_files(tiny_sem_dir)[:1])
+    assert row.cam is not None and row.cam.ndim == 3

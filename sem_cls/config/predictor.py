@@ -17,6 +17,7 @@ UNKNOWN = "unknown"  # unlike the training images (sem_cls.models.novelty)
 class Engine(StrEnum):
     """What runs a frozen backbone (sem_cls.models.engines)."""
 
+    auto = "auto"  # OpenVINO for a frozen backbone on the CPU, torch elsewhere
     torch = "torch"
     openvino = "openvino"
 

@@ -28,6 +28,7 @@ class Choice(StrEnum):
 class FeatureEngine(Choice):
     """What runs a frozen backbone for its features (sem_cls.models.engines)."""
 
+    auto = "auto"  # OpenVINO for a frozen backbone on one CPU process, torch elsewhere
     torch = "torch"
     openvino = "openvino"
 
@@ -117,7 +118,7 @@ class DataConfig:
     cache_features: bool = True
     cache_dir: str | None = None
     bf16: bool = True
-    engine: str = FeatureEngine.torch.value  # a FeatureEngine
+    engine: str = FeatureEngine.auto.value  # a FeatureEngine
     synthetic: SyntheticConfig | None = None
     missing_hint: str = ""
 
@@ -323,7 +324,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     sections = {key: _checked(key, cfg[key]) for key in SCHEMAS if cfg.get(key) is not None}
     data, model = sections.get("data"), sections.get("model")
-    if data and model and data.engine != FeatureEngine.torch and not model.frozen:
+    if data and model and data.engine == FeatureEngine.openvino and not model.frozen:
         raise UserError(
             f"data.engine={data.engine} serves a frozen backbone only, but model.freeze="
             f"{model.freeze} fine-tunes it. Set data.engine=torch, or model.freeze=all."

@@ -169,7 +169,20 @@ class SEMDataModule(L.LightningDataModule):
                 # Under DDP the ranks share the extraction (each a slice of the images).
                 strategy=strategy,
             )
+            self.record_engine()
         return self.features[name]
+
+    def record_engine(self) -> None:
+        """The feature engine chosen, and why, as a tag of the run's MLflow run (a tag, not a
+        param: a resumed run may choose otherwise on another machine)."""
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        choice = self.feature_extractor.choice
+        if self.trainer is None or not choice or not self.trainer.is_global_zero:
+            return
+        for logger in self.trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.set_tag(logger.run_id, "feature_engine", choice)
 
     def image_dataset(self, samples: list[Sample], train: bool = False) -> SEMImageDataset:
         transform = self.train_transform if train and self.train_transform else self.transform

@@ -36,8 +36,13 @@ log = logging.getLogger(__name__)
 
 def weights_digest(module: nn.Module) -> str:
     """sha256 over every parameter and buffer, by name."""
+    return state_digest(module.state_dict())
+
+
+def state_digest(state: dict) -> str:
+    """weights_digest of a state dict (a checkpoint's, without building its module)."""
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in state.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -2,12 +2,13 @@
 features), each item a dict that says what it holds and its index in the set, by which
 predictions gathered from every DDP rank are put back in the set's order (`in_set_order`)."""
 
+import math
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import timm.data
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from sem_cls.data.images import DEFAULT_MAX_PIXELS, open_image, scale_box
@@ -65,10 +66,52 @@ class FeatureDataset(Dataset):
         return {"features": features, "label": self.labels[index], "index": index}
 
 
+class EvalTransform:
+    """timm's evaluation transform for a centre-cropped square input (resize the short side to
+    input/crop_pct, centre crop, scale to 0-1, normalise), pixel for pixel, in PIL alone: timm's
+    own imports torchvision, whose import costs a one-image prediction more than torch's."""
+
+    def __init__(self, data_config: dict):
+        self.size = data_config["input_size"][-1]
+        self.short_side = math.floor(self.size / data_config["crop_pct"])
+        self.resample = getattr(Image.Resampling, data_config["interpolation"].upper())
+        self.mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
+        self.std = torch.tensor(data_config["std"]).view(3, 1, 1)
+
+    def __repr__(self) -> str:
+        # Part of the feature cache's key: what the transform does, never where it sits.
+        return (
+            f"EvalTransform(size={self.size}, short_side={self.short_side}, "
+            f"resample={self.resample.name}, mean={self.mean.flatten().tolist()}, "
+            f"std={self.std.flatten().tolist()})"
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        # torchvision.transforms.Resize(int) on a PIL image: the long side truncated.
+        if width <= height:
+            size = (self.short_side, int(self.short_side * height / width))
+        else:
+            size = (int(self.short_side * width / height), self.short_side)
+        image = image.resize(size, self.resample)
+        left = int(round((size[0] - self.size) / 2.0))  # torchvision's CenterCrop
+        top = int(round((size[1] - self.size) / 2.0))
+        image = image.crop((left, top, left + self.size, top + self.size))
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # (H, W, 3)
+        pixels = pixels.permute(2, 0, 1).float().div_(255)  # -> (3, H, W)
+        return (pixels - self.mean) / self.std
+
+
 def eval_preprocessing(data_config: dict):
     """The backbone's evaluation transform (resize + centre crop) and the side JPEGs are decoded
     at for it; shared by the loaders and by prediction, so both see the same pixels."""
-    transform = timm.data.create_transform(**data_config, is_training=False)
+    square = data_config["input_size"][-1] == data_config["input_size"][-2]
+    if square and data_config.get("crop_mode", "center") == "center":
+        transform = EvalTransform(data_config)
+    else:  # other crop modes and non-square inputs: timm's own transform
+        import timm.data
+
+        transform = timm.data.create_transform(**data_config, is_training=False)
     # The transform resizes the short side to input/crop_pct; 10% more covers a typical info
     # bar (8% of the height), so the crop is still downsampled, not blown up.
     resized_side = data_config["input_size"][-1] / data_config["crop_pct"]

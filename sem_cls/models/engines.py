@@ -1,10 +1,12 @@
 """Feature engines: what runs a frozen backbone, (B, 3, H, W) images -> (B, num_features).
 
 `torch` runs the timm module itself (bf16 autocast if asked), on whatever device it sits.
-`openvino` runs it converted once by OpenVINO into `<cache_dir>/<key>.xml/.bin`, keyed by
-architecture, weights, input size and precision, and compiled for this CPU: bf16 where the CPU
-has it (AVX512-BF16/AMX), f32 elsewhere. Only a frozen backbone on CPU has an engine choice;
-fine-tuning and GPUs run torch.
+`openvino` runs it converted once by OpenVINO into `<cache_dir>/<key>.xml/.bin` (with
+`<key>.json`, which vouches for both), keyed by architecture, weights and input size, shared by
+every run and entry point on the machine, and compiled for this CPU: bf16 where the CPU has it
+(AVX512-BF16/AMX), f32 elsewhere. `auto`, the default, is OpenVINO for a wholly frozen backbone
+on one CPU process (measured faster on every CPU tried, docs/performance.md) and torch for GPUs,
+fine-tuning and DDP.
 """
 
 import functools
@@ -23,7 +25,71 @@ from sem_cls.errors import UserError
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("torch", "openvino")
+ENGINES = ("auto", "torch", "openvino")
+
+
+def resolve_engine(
+    kind: str, device: torch.device, frozen: bool, distributed: bool = False
+) -> tuple[str, str]:
+    """The engine that runs a backbone on `device` when `kind` is asked for, and why."""
+    if kind != "auto":
+        return kind, f"engine={kind} asked for"
+    if not frozen:
+        return "torch", "auto: the backbone learns (fine-tuning)"
+    if device.type != "cpu":
+        return "torch", f"auto: the backbone runs on {device}"
+    if distributed:
+        return "torch", "auto: DDP ranks share the extraction"
+    try:
+        import openvino  # noqa: F401
+    except ImportError as err:
+        return "torch", f"auto: OpenVINO cannot be imported ({err})"
+    return "openvino", "auto: a frozen backbone on the CPU, where OpenVINO is the faster engine"
+
+
+def converted_model_key(architecture: str, weights: str, input_size) -> str:
+    """The cache key of a converted backbone: architecture, weights digest, input size and the
+    OpenVINO version that converted it."""
+    from importlib.metadata import version
+
+    description = {
+        "architecture": architecture,
+        "weights": weights,
+        "input_size": list(input_size),
+        "openvino": version("openvino").split("-")[0],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cached_model(cache_dir: str | Path | None, key: str) -> Path | None:
+    """The converted model's .xml under `cache_dir` when its entry is whole and is what its
+    .json says (key and both files' sha256); None otherwise. A damaged or foreign entry is
+    never trusted: it is converted again and replaced."""
+    if not cache_dir:
+        return None
+    xml = Path(cache_dir) / f"{key}.xml"
+    record = xml.with_suffix(".json")
+    if not record.is_file():
+        if xml.exists():
+            log.warning("OpenVINO cache entry %s has no record of its files: converted again.", xml)
+        return None
+    try:
+        expected = json.loads(record.read_text())
+        ok = expected.get("key") == key and all(
+            expected.get(path.suffix) == _file_digest(path)
+            for path in (xml, xml.with_suffix(".bin"))
+        )
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        log.warning("OpenVINO cache entry %s is damaged or not this model's: converted again.", xml)
+        return None
+    return xml
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -74,13 +140,17 @@ class OpenVINOEngine:
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | None,
         input_size: tuple[int, int, int],
         bf16: bool,
         cache_dir: str | Path | None,
         weights: str,
         threads: int | None = None,
+        architecture: str | None = None,
+        num_features: int | None = None,
     ):
+        """`backbone` None: the converted model must be in `cache_dir` (cached_model), and
+        `architecture` and `num_features` say what it is."""
         ov = import_openvino()
         core = openvino_core()
         # bf16 only where the CPU computes it natively; elsewhere OpenVINO would emulate it.
@@ -88,21 +158,26 @@ class OpenVINOEngine:
         if bf16 and not native_bf16:
             log.info("This CPU has no native bf16 (AVX512-BF16/AMX): OpenVINO runs in f32.")
         self.precision = "bf16" if bf16 and native_bf16 else "fp32"
-        self.backbone = backbone  # what the converted model was made from
-        self.num_features = backbone.num_features
+        self.backbone = backbone  # what the converted model was made from; None when cached
+        if backbone is not None:
+            architecture = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
+            num_features = backbone.num_features
+        self.num_features = num_features
         self.input_size = tuple(input_size)
-        description = {
-            "architecture": backbone.pretrained_cfg.get("architecture", type(backbone).__name__),
-            "weights": weights,
-            "input_size": list(self.input_size),
-            "openvino": ov.__version__.split("-")[0],
-        }
-        self.key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+        self.key = converted_model_key(architecture, weights, self.input_size)
         cache_dir = Path(cache_dir) if cache_dir else None
-        model = self._converted(ov, backbone, cache_dir)
-        # The cached .xml and .bin, which an MLflow model carries along; none when uncached.
-        xml = cache_dir / f"{self.key}.xml" if cache_dir else None
-        self.files = [xml, xml.with_suffix(".bin")] if xml and xml.is_file() else []
+        xml = cached_model(cache_dir, self.key)
+        if xml:
+            log.info("OpenVINO model from cache: %s", xml)
+            model = core.read_model(xml)
+        elif backbone is None:
+            raise ValueError(f"No cached OpenVINO model {self.key} in {cache_dir} to run.")
+        else:
+            model = self._converted(ov, backbone, cache_dir)
+            xml = cached_model(cache_dir, self.key)
+        # The cached .xml, .bin and .json, which an MLflow model carries along; none uncached.
+        suffixes = (".xml", ".bin", ".json") if xml else ()
+        self.files = [xml.with_suffix(suffix) for suffix in suffixes]
         config = {
             # One stream, lowest latency per batch: measured faster than the throughput hint
             # for whole batches on a few cores.
@@ -116,17 +191,13 @@ class OpenVINOEngine:
             self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as err:
             raise UserError(
-                f"OpenVINO could not compile {description['architecture']} for this CPU "
+                f"OpenVINO could not compile {architecture} for this CPU "
                 f"({str(err)[:300]}). Set data.engine=torch."
             ) from err
         self.request = self.compiled.create_infer_request()
 
     def _converted(self, ov, backbone: nn.Module, cache_dir: Path | None):
-        """The OpenVINO model, read from the cache or converted (and written there)."""
-        xml = cache_dir / f"{self.key}.xml" if cache_dir else None
-        if xml and xml.is_file() and xml.with_suffix(".bin").is_file():
-            log.info("OpenVINO model from cache: %s", xml)
-            return openvino_core().read_model(xml)
+        """The backbone converted, and written to the cache with the record of its files."""
         log.info("Converting the backbone with OpenVINO (once per backbone and weights)")
         example = torch.zeros(1, *self.input_size)
         try:
@@ -139,17 +210,23 @@ class OpenVINOEngine:
             ) from err
         # Any batch size; the weights stay f32 on disk, the precision is chosen at compile time.
         model.reshape([-1, *self.input_size])
-        if xml:
+        if cache_dir:
+            xml = cache_dir / f"{self.key}.xml"
             cache_dir.mkdir(parents=True, exist_ok=True)
             partial = cache_dir / f"{self.key}.partial-{os.getpid()}.xml"
+            record = partial.with_suffix(".json")
             try:
                 ov.save_model(model, partial, compress_to_fp16=False)
-                # .bin first: a complete .xml is what marks the entry as there.
-                os.replace(partial.with_suffix(".bin"), xml.with_suffix(".bin"))
-                os.replace(partial, xml)
+                files = {".xml": partial, ".bin": partial.with_suffix(".bin")}
+                digests = {suffix: _file_digest(path) for suffix, path in files.items()}
+                record.write_text(json.dumps({"key": self.key, **digests}))
+                # The record last: it is what makes the entry trusted.
+                for suffix, path in files.items():
+                    os.replace(path, xml.with_suffix(suffix))
+                os.replace(record, xml.with_suffix(".json"))
             finally:
-                partial.unlink(missing_ok=True)
-                partial.with_suffix(".bin").unlink(missing_ok=True)
+                for path in (partial, partial.with_suffix(".bin"), record):
+                    path.unlink(missing_ok=True)
             log.info("OpenVINO model cached: %s", xml)
         return model
 
@@ -190,11 +267,12 @@ def create_engine(
     weights: str | None = None,
     threads: int | None = None,
 ):
-    """The engine `kind` for a frozen backbone. `weights` is the backbone's weights digest
-    (sem_cls.data.features.weights_digest), which keys the OpenVINO model cache."""
+    """The engine `kind` (torch or openvino; resolve_engine turns auto into one) for a frozen
+    backbone. `weights` is the backbone's weights digest (sem_cls.data.features.weights_digest),
+    which keys the OpenVINO model cache."""
     if kind == "torch":
         return TorchEngine(backbone, bf16)
-    if kind != "openvino":  # the config schema admits ENGINES only
+    if kind != "openvino":  # the config schema admits ENGINES only; auto is resolved before
         raise ValueError(f"Unknown feature engine {kind!r}; one of {list(ENGINES)}.")
     device = next(backbone.parameters()).device
     if device.type != "cpu":
@@ -224,7 +302,7 @@ class FeatureExtractor:
     ):
         self.kind, self.backbone, self.input_size = kind, backbone, tuple(input_size)
         self.bf16, self.cache, self.engine_dir = bf16, cache, engine_dir
-        self.engine = None
+        self.engine, self.choice = None, None
 
     @classmethod
     def from_config(cls, data, model) -> "FeatureExtractor | None":
@@ -238,20 +316,24 @@ class FeatureExtractor:
         input_size = model.data_config["input_size"]
         engine_dir = Path(cache_dir) / "engines"
         return cls(
-            data.get("engine", "torch"), model.backbone, input_size, data.bf16, cache, engine_dir
+            data.get("engine", "auto"), model.backbone, input_size, data.bf16, cache, engine_dir
         )
 
-    def get_engine(self):
-        """The engine, built on first use where the backbone now sits (torch on a GPU)."""
+    def get_engine(self, distributed: bool = False):
+        """The engine, built on first use where the backbone now sits (torch on a GPU); the
+        choice and its reason are logged, and kept in `choice` for the run's record."""
         if self.engine is None:
-            kind = self.kind
-            if kind != "torch" and next(self.backbone.parameters()).device.type != "cpu":
+            device = next(self.backbone.parameters()).device
+            kind, why = resolve_engine(self.kind, device, frozen=True, distributed=distributed)
+            if kind != "torch" and device.type != "cpu":
                 log.warning("data.engine=%s runs on CPU only; this GPU run uses torch.", kind)
-                kind = "torch"
+                kind, why = "torch", f"data.engine={kind} runs on CPU only"
             weights = self.cache.weights(self.backbone)
             self.engine = create_engine(
                 kind, self.backbone, self.input_size, self.bf16, self.engine_dir, weights
             )
+            self.choice = f"{kind} {self.engine.precision} ({why})"
+            log.info("Feature engine: %s", self.choice)
         return self.engine
 
     def features(
@@ -265,6 +347,7 @@ class FeatureExtractor:
             # the model will run.
             self.backbone.to(strategy.root_device)
         return self.cache.features(
-            self.get_engine(), preprocessing, dataset, image_digests,
+            self.get_engine(distributed=strategy is not None and strategy.world_size > 1),
+            preprocessing, dataset, image_digests,
             batch_size=batch_size, num_workers=num_workers, strategy=strategy,
         )  # fmt: skip

@@ -8,9 +8,6 @@ group per block stage), so the same number means the same thing for any timm bac
 
 import math
 
-import timm
-from timm.models import group_parameters
-from timm.optim import param_groups_layer_decay
 from torch import nn
 
 HEADS = ("linear", "mlp")
@@ -30,6 +27,8 @@ def trainable_stage_count(freeze, stage_count: int) -> int:
 
 def backbone_stages(backbone: nn.Module) -> list[list[str]]:
     """Parameter names per stage, input side first, from timm's coarse grouping."""
+    from timm.models import group_parameters  # here: a headless model needs no timm
+
     groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
     return [groups[key] for key in sorted(groups)]
 
@@ -40,6 +39,8 @@ def freeze_stages(backbone: nn.Module, stages: list[list[str]], learning: int) -
     frozen = [name for stage in stages[: len(stages) - learning] for name in stage]
     if frozen:
         # Modules owning frozen parameters; timm swaps their BatchNorms for FrozenBatchNorm2d.
+        import timm.utils
+
         timm.utils.freeze(backbone, sorted({name.rpartition(".")[0] for name in frozen}))
     return [name for stage in stages[len(stages) - learning :] for name in stage]
 
@@ -62,6 +63,8 @@ def backbone_param_groups(backbone: nn.Module, lr: float, weight_decay: float, l
     if not layer_decay:
         params = [p for p in backbone.parameters() if p.requires_grad]
         return [{"params": params}] if params else []
+    from timm.optim import param_groups_layer_decay
+
     groups = param_groups_layer_decay(backbone, weight_decay=weight_decay, layer_decay=layer_decay)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]

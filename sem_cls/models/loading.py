@@ -76,8 +76,11 @@ def _earlier_layout(checkpoint: dict) -> tuple[dict, dict]:
     return spec, state
 
 
-def model_from_checkpoint(checkpoint: dict) -> SEMModel:
-    """The SEMModel a raw checkpoint (read_checkpoint) holds, in eval mode on the CPU."""
+def model_from_checkpoint(checkpoint: dict, needs_backbone=None) -> SEMModel:
+    """The SEMModel a raw checkpoint (read_checkpoint) holds, in eval mode on the CPU.
+    `needs_backbone(spec, backbone_state)`, if given, may answer False for a frozen backbone that
+    will run converted (an OpenVINO model cached for these weights): the model is then built
+    without it, and without importing timm."""
     if "sem_model" in checkpoint:
         spec = dict(checkpoint["sem_model"])
         state = {
@@ -87,7 +90,17 @@ def model_from_checkpoint(checkpoint: dict) -> SEMModel:
         }
     else:
         spec, state = _earlier_layout(checkpoint)
-    model = SEMModel.from_spec(spec)
+    if "novelty_references" in state:  # its columns are the backbone's features
+        spec.setdefault("num_features", state["novelty_references"].shape[1])
+    headless = (
+        needs_backbone is not None
+        and {"data_config", "num_features"} <= spec.keys()
+        and spec.get("frozen", True)
+        and not needs_backbone(spec, backbone_state(state))
+    )
+    if headless:
+        state = {key: value for key, value in state.items() if not key.startswith("backbone.")}
+    model = SEMModel.from_spec(spec, with_backbone=not headless)
     # Checkpoints from before calibration and novelty: temperature 1, no references.
     for name in FITTED_BUFFERS:
         state.setdefault(name, getattr(model, name))
@@ -97,11 +110,22 @@ def model_from_checkpoint(checkpoint: dict) -> SEMModel:
     return model.eval()
 
 
-def load_checkpoint(path: Path, option: str = "ckpt_path") -> SEMModel:
-    return model_from_checkpoint(read_checkpoint(path, option))
+def backbone_state(state: dict) -> dict:
+    """The backbone's own state dict (its names, its order) out of an SEMModel's."""
+    return {
+        key.removeprefix("backbone."): value
+        for key, value in state.items()
+        if key.startswith("backbone.")
+    }
 
 
-def load_model_folder(folder: Path, option: str = "ckpt_path") -> tuple[SEMModel, dict]:
+def load_checkpoint(path: Path, option: str = "ckpt_path", needs_backbone=None) -> SEMModel:
+    return model_from_checkpoint(read_checkpoint(path, option), needs_backbone)
+
+
+def load_model_folder(
+    folder: Path, option: str = "ckpt_path", needs_backbone=None
+) -> tuple[SEMModel, dict]:
     """The model and recorded preprocessing settings of an MLflow model folder (the model's
     root, or its data/sem_cls_model/ folder, as MLflow hands it to the loader)."""
     folder = Path(folder)
@@ -111,7 +135,7 @@ def load_model_folder(folder: Path, option: str = "ckpt_path") -> tuple[SEMModel
             f"{option}={folder} is not an MLflow model logged by sem-cls training (no "
             f"data/{DATA_DIR}/{CHECKPOINT_FILE} in it). Give a .ckpt file or a sem-cls model."
         )
-    model = load_checkpoint(data / CHECKPOINT_FILE, option)
+    model = load_checkpoint(data / CHECKPOINT_FILE, option, needs_backbone)
     return model, json.loads((data / SETTINGS_FILE).read_text())
 
 
@@ -138,10 +162,11 @@ def download_model(reference: str, destination: Path, tracking_uri: str | None) 
 
 
 def load_model(
-    reference, tracking_uri: str | None = None, option: str = "ckpt_path"
+    reference, tracking_uri: str | None = None, option: str = "ckpt_path", needs_backbone=None
 ) -> tuple[SEMModel, dict]:
     """The model of a .ckpt file, an MLflow model URI or a downloaded MLflow model folder, and
-    the preprocessing settings recorded with it ({} for a .ckpt file: training's defaults)."""
+    the preprocessing settings recorded with it ({} for a .ckpt file: training's defaults);
+    `needs_backbone` as model_from_checkpoint takes it."""
     if is_model_uri(reference):
         with tempfile.TemporaryDirectory() as tmp:
             local = download_model(str(reference), Path(tmp), tracking_uri)
@@ -150,8 +175,8 @@ def load_model(
                     f"{option}={reference} is an MLflow model, but not one logged by sem-cls "
                     f"training (no data/{DATA_DIR}/{CHECKPOINT_FILE} in it)."
                 )
-            return load_model_folder(local, option)
+            return load_model_folder(local, option, needs_backbone)
     path = Path(reference)
     if path.is_dir() and (path / "MLmodel").is_file():
-        return load_model_folder(path, option)
-    return load_checkpoint(path, option), {}
+        return load_model_folder(path, option, needs_backbone)
+    return load_checkpoint(path, option, needs_backbone), {}

@@ -6,11 +6,10 @@ shape, input config, info-bar setting); training, prediction, serving and the pa
 """
 
 import torch
-from timm.data import resolve_model_data_config
 from torch import nn
 
 from sem_cls.data.infobar import InfoBarCrop
-from sem_cls.models import backbones, finetune, novelty
+from sem_cls.models import finetune, novelty
 
 
 class SEMModel(nn.Module):
@@ -21,21 +20,31 @@ class SEMModel(nn.Module):
     images unlike the training images (none for a backbone that learned).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, spec: dict):
+    def __init__(self, backbone: nn.Module | None, head: nn.Module, spec: dict):
         super().__init__()
+        # None: a frozen backbone that runs converted (sem_cls.models.engines), never as a module.
         self.backbone = backbone
         self.head = head
-        # class_names, backbone, head, head_hidden, head_dropout, data_config, info_bar, frozen
+        # class_names, backbone, head, head_hidden, head_dropout, data_config, info_bar, frozen,
+        # num_features
         self.spec = dict(spec)
+        num_features = backbone.num_features if backbone is not None else spec["num_features"]
         self.register_buffer("temperature", torch.ones(()))
-        self.register_buffer("novelty_references", torch.zeros(0, backbone.num_features).half())
+        self.register_buffer("novelty_references", torch.zeros(0, num_features).half())
         self.register_buffer("novelty_threshold", torch.tensor(float("nan")))
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "SEMModel":
+    def from_spec(cls, spec: dict, with_backbone: bool = True) -> "SEMModel":
         """A model of `spec`'s shape (as build_model made it: frozen BatchNorms of a partly
         frozen backbone included) with random weights, to load a state dict into; timm fetches
-        no weights. Fills in what an earlier spec lacks (freeze: all)."""
+        no weights. Fills in what an earlier spec lacks (freeze: all). Without the backbone
+        (a frozen one that runs converted) it is the head and buffers only, and needs no timm."""
+        if not with_backbone:
+            head = finetune.make_head(
+                spec.get("head", "linear"), spec["num_features"], len(spec["class_names"]),
+                spec.get("head_hidden", 512), spec.get("head_dropout", 0.0),
+            )  # fmt: skip
+            return cls(None, head, spec)
         keys = ("backbone", "head", "head_hidden", "head_dropout", "aux_logits", "freeze")
         options = {key: spec[key] for key in keys if key in spec}
         model, _ = build_model(spec["class_names"], pretrained=False, **options)
@@ -58,6 +67,8 @@ class SEMModel(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_features) pooled backbone features."""
+        if self.backbone is None:
+            raise RuntimeError("This model was loaded without its backbone: use its engine.")
         features = self.backbone(images.contiguous(memory_format=torch.channels_last))
         return features[0] if isinstance(features, tuple) else features
 
@@ -81,6 +92,8 @@ class SEMModel(nn.Module):
 
 
 def _backbone(name: str, pretrained: bool, weights_file: str | None, aux_logits: bool):
+    from sem_cls.models import backbones  # here: timm's import is a second torch's
+
     extra = {"aux_logits": True} if aux_logits else {}
     backbone = backbones.create_backbone(name, pretrained, weights_file, **extra)
     if aux_logits:
@@ -91,6 +104,8 @@ def _backbone(name: str, pretrained: bool, weights_file: str | None, aux_logits:
 
 def _freeze(backbone: nn.Module, freeze) -> list[str]:
     """Freeze the backbone as `freeze` says; the names of the parameters that may learn."""
+    from sem_cls.models import backbones
+
     stages = finetune.backbone_stages(backbone)
     learning = finetune.trainable_stage_count(freeze, len(stages))
     if learning == 0:
@@ -113,6 +128,8 @@ def build_model(
 ) -> tuple[SEMModel, list[str]]:
     """The SEMModel of a model config, and the backbone parameters its fine-tuning schedule
     trains (none for a frozen backbone, which is then frozen for good)."""
+    from timm.data import resolve_model_data_config
+
     module = _backbone(backbone, pretrained, weights_file, aux_logits)
     learning_names = _freeze(module, freeze)
     spec = {
@@ -126,6 +143,7 @@ def build_model(
         "info_bar": InfoBarCrop(info_bar).mode,
         "freeze": freeze,  # rebuilds the same modules (frozen BatchNorms) from a checkpoint
         "frozen": not learning_names,
+        "num_features": module.num_features,
     }
     head_module = finetune.make_head(
         head, module.num_features, len(class_names), head_hidden, head_dropout

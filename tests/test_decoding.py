@@ -1,0 +1,53 @@
+"""Decoding at the scale the model needs: JPEGs decoded by DCT scaling (PIL's draft mode) give
+the features of a full decode, and the evaluation transform is timm's, pixel for pixel."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch.nn.functional import cosine_similarity
+
+from sem_cls.data.images import open_image
+from sem_cls.data.samples import EvalTransform, Sample, SEMImageDataset, eval_preprocessing
+from sem_cls.models.build import build_model
+from tests.helpers import LITE0
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "inception_v3", "resnet18"])
+def test_evaluation_transform_is_timms(name):
+    config = timm.data.resolve_model_data_config(timm.create_model(name, num_classes=0))
+    timms = timm.data.create_transform(**config, is_training=False)
+    ours, _ = eval_preprocessing(config)
+    assert isinstance(ours, EvalTransform)
+    # It keys the feature cache: the same in every process, another for another config.
+    assert repr(ours) == repr(eval_preprocessing(dict(config))[0]) and "0x" not in repr(ours)
+    rng = np.random.default_rng(0)
+    for width, height in [(1024, 768), (512, 384), (768, 1024), (300, 301), (1023, 700)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        assert torch.equal(ours(image), timms(image)), (width, height)
+
+
+def test_draft_decoded_jpegs_give_the_features_of_a_full_decode(real_sem_dir):
+    model = build_model([str(i) for i in range(10)], **LITE0)[0].eval()
+    transform, decode_side = eval_preprocessing(model.data_config)
+    files = sorted(real_sem_dir.rglob("*.jpg"))
+    assert files, "real JPEGs to decode"
+    samples = []
+    for path in files:
+        with Image.open(path) as image:
+            width, height = image.size
+        # The lowest 8% cut as an info bar would be: the box scales with the decode.
+        samples.append(Sample(path, 0, (0, 0, width, int(height * 0.92)), (width, height), ""))
+    draft = SEMImageDataset(samples, transform, decode_side)
+    full = SEMImageDataset(samples, transform, 0)
+    reduced, _ = open_image(files[0], "RGB", decode_side)
+    assert reduced.size[0] < samples[0].size[0], "decoded at a reduced scale"
+    with torch.inference_mode():
+        features = [
+            model.features(torch.stack([dataset[i]["image"] for i in range(len(samples))]))
+            for dataset in (draft, full)
+        ]
+    similarity = cosine_similarity(*features)
+    print(f"cosine draft vs full decode: min {similarity.min():.4f}, mean {similarity.mean():.4f}")
+    assert similarity.min() >= 0.99
