@@ -184,7 +184,8 @@ def extract(cfg: DictConfig, model, samples) -> np.ndarray:
 
 def audit(cfg: DictConfig) -> Path:
     """Audit `cfg.data.data_dir` with the frozen backbone of `cfg.model`; the report's folder."""
-    from sem_cls.data.ingest import ingest_folder, label_conflicts
+    from sem_cls.data.conflicts import label_conflicts
+    from sem_cls.data.ingest import ingest_folder
     from sem_cls.data.manifest import crop_rows, sample_of
     from sem_cls.data.scale import read_scale
     from sem_cls.data.splits import duplicate_groups

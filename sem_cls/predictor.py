@@ -180,6 +180,11 @@ class Predictor:
         return cls(model, settings, recorded, cache_dir, found.get("weights"))
 
     @property
+    def engine_name(self) -> str:
+        """What runs the backbone: `openvino` or `torch` (a fine-tuned backbone is torch's)."""
+        return self.engine.name if self.engine is not None else "torch"
+
+    @property
     def class_names(self) -> list[str]:
         return self.model.class_names
 

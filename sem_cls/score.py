@@ -123,7 +123,7 @@ def score(cfg) -> Path:
             "ckpt_path": cfg.ckpt_path,
             "inputs": cfg.inputs,
             "output": output.folder,
-            "engine": predictor.settings.engine,
+            "engine": predictor.engine_name,
             "ray.address": cfg.ray.address,
             "actors": facts["actors"],
             "batch_size": settings.batch_size,

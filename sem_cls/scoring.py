@@ -221,7 +221,7 @@ class ImageClassifier:
             model = ray.get(model)
         self.predictor = Predictor(model, PredictorSettings(**settings), recorded)
         self.reference = reference
-        self.engine = str(self.predictor.settings.engine)
+        self.engine = self.predictor.engine_name  # the one resolved, not `auto`
         self.node = ray.get_runtime_context().get_node_id()
         self.torch = torch
         self.prepare = prepare

@@ -280,8 +280,10 @@ def test_training_with_openvino_logs_a_model_that_carries_the_conversion(
     assert abs(metrics["test/acc"] - trained_run[1]["test/acc"]) <= 0.1
     (converted,) = (tmp_path / "cache" / "engines").glob("*.xml")
     uri = "models:/sem-cls-openvino@champion"
-    mlflow.set_tracking_uri(cfg.logger.mlflow.tracking_uri)
-    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model"))
+    store = cfg.logger.mlflow.tracking_uri
+    local = mlflow.artifacts.download_artifacts(
+        uri, dst_path=str(tmp_path / "model"), tracking_uri=store, registry_uri=store
+    )
     assert list((tmp_path / "model").rglob(converted.name)), "the MLflow model carries it"
     pyfunc = mlflow.pyfunc.load_model(local)
     table = pyfunc.predict(

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from sem_cls.models.engines import resolve_engine
 from tests.helpers import (
     IMAGE_SUFFIXES,
     ROOT,
@@ -178,7 +180,9 @@ def test_rows_identify_the_file_the_model_and_engine(scored):
         info = os.stat(row["path"])
         assert (row["size"], row["mtime_ns"]) == (info.st_size, info.st_mtime_ns)
     assert set(scores["model"]) == {str(scored["ckpt"])}
-    assert set(scores["engine"]) == {"torch"}
+    # The engine that ran, as predict resolves `auto` here (OpenVINO for a frozen backbone on CPU).
+    expected, _ = resolve_engine("auto", torch.device("cpu"), frozen=True)
+    assert set(scores["engine"]) == {expected}
 
 
 def test_progress_summary_and_mlflow_run(scored, tmp_path):

@@ -9,6 +9,7 @@ LightningModule was the classifier itself (keys `backbone.*`, `head.*`, ... at t
 spec read from its hyper-parameters).
 """
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -144,15 +145,21 @@ def download_model(reference: str, destination: Path, tracking_uri: str | None) 
     runs:/<run id>/model) downloaded into `destination`, from the store at `tracking_uri`."""
     import mlflow
 
+    from sem_cls.compat import mlflow_tracking_uri
+
+    # MLflow resolves a models:/ alias through its process-wide registry URI whatever is passed
+    # here, so the store is also made the process's for the call (and put back after).
+    store = mlflow_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext()
     try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=str(reference),
-                dst_path=str(destination),
-                tracking_uri=tracking_uri,
-                registry_uri=tracking_uri,
+        with store:
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=str(reference),
+                    dst_path=str(destination),
+                    tracking_uri=tracking_uri,
+                    registry_uri=tracking_uri,
+                )
             )
-        )
     except Exception as err:  # noqa: BLE001 -- MLflow raises several kinds for a bad URI
         raise UserError(
             f"ckpt_path={reference} could not be loaded from MLflow at {tracking_uri} "
