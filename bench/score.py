@@ -103,15 +103,15 @@ def main() -> None:
     ckpt = demo_model(work)
     common = [f"paths.log_dir={work / 'logs'}", f"paths.mlruns_dir={work / 'mlruns'}"]
 
-    output = work / "predictions.csv"
-    output.unlink(missing_ok=True)
+    # A fresh folder per run: nothing already under --work is replaced or removed.
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    output = run_dir / "predictions.csv"
     predict_s = timed(
         [sys.executable, "-m", "sem_cls.predict", f"ckpt_path={ckpt}", f"inputs={images}",
          f"output={output}", *common]
     )  # fmt: skip
 
-    scores = work / "scores"
-    shutil.rmtree(scores, ignore_errors=True)
+    scores = run_dir / "scores"
     ray_tmpdir = Path(tempfile.mkdtemp(prefix="sem-ray-", dir="/tmp"))
     score = " ".join(
         f"'{a}'"

@@ -198,12 +198,14 @@ def test_feature_cache_keys_the_engine(lite0, openvino_engine, tmp_path):
 
 # How far a confidence and a novelty score (cosine distance) may move from the fp32 reference's,
 # by the precision an engine computes in: (largest, mean) absolute gap. fp32 engines differ in
-# summation order only. bf16 keeps 8 bits of mantissa; the tiny demo's temperature (about 0.2)
+# summation order only (OpenVINO's kernels against oneDNN's: the earlier 0.02 bound held on an
+# AVX2-only CPU, where every engine runs fp32; the temperature amplifies them too). bf16 keeps
+# 8 bits of mantissa; the tiny demo's temperature (about 0.2)
 # sharpens the logits five-fold, so an image near the decision boundary moved by up to 0.033
 # (torch) and 0.086 (OpenVINO) on an AVX512-BF16 CPU, while the mean gap stayed near 0.004;
 # novelty by up to 0.009 (torch) and 0.017 (OpenVINO). The mean catches a drift of them all.
-CONFIDENCE_TOLERANCE = {"fp32": (0.01, 0.002), "bf16": (0.12, 0.01)}
-NOVELTY_TOLERANCE = {"fp32": (0.002, 0.0005), "bf16": (0.03, 0.005)}
+CONFIDENCE_TOLERANCE = {"fp32": (0.02, 0.004), "bf16": (0.12, 0.01)}
+NOVELTY_TOLERANCE = {"fp32": (0.005, 0.001), "bf16": (0.03, 0.005)}
 
 
 def test_demo_predictions_agree_between_engines(trained_run, tiny_sem_dir, tmp_path):
