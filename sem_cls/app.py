@@ -50,7 +50,7 @@ class DemoClassifier:
             cfg.ckpt_path,
             PredictorSettings.from_config(cfg),
             tracking_uri=cfg.get("tracking_uri"),
-            cache_dir=Path(cfg.paths.cache_dir) / "engines",
+            cache_dir=cfg.paths.engine_dir,
             with_backbone=True,  # Grad-CAM runs the backbone module
         )
         self.model = self.predictor.model

@@ -166,7 +166,7 @@ def predict(cfg) -> Path:
             cfg.ckpt_path,
             settings,
             tracking_uri=cfg.get("tracking_uri"),
-            cache_dir=Path(cfg.paths.cache_dir) / "engines",
+            cache_dir=cfg.paths.engine_dir,
         )
         rows = predictor.predict(files, progress=True)
         write_predictions(output, rows, settings.top_k)

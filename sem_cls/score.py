@@ -99,7 +99,15 @@ def score(cfg) -> Path:
 
     # Loaded here once: a missing model stops the run before any Ray starts; the actors get
     # this model through Ray's object store, so no node needs the tracking store.
-    predictor = Predictor.load(str(cfg.ckpt_path), settings, tracking_uri=cfg.get("tracking_uri"))
+    # The driver converts the backbone once into engine_dir; actors on this machine (or on a
+    # shared engine_dir) load that conversion instead of converting again.
+    predictor = Predictor.load(
+        str(cfg.ckpt_path),
+        settings,
+        tracking_uri=cfg.get("tracking_uri"),
+        cache_dir=cfg.paths.engine_dir,
+        with_backbone=True,  # a node without that conversion converts its own
+    )
     lock = output.open({"written_by": "python score.py", "format": 1})
     try:
         done = output.scored()
@@ -109,7 +117,13 @@ def score(cfg) -> Path:
         decisions, errors, rate, facts = Counter(), 0, 0.0, {"actors": 0, "nodes": {}}
         if todo:
             decisions, errors, rate, facts = run_scoring(
-                todo, output, predictor, str(cfg.ckpt_path), cfg.ray, cfg.shard_rows
+                todo,
+                output,
+                predictor,
+                str(cfg.ckpt_path),
+                cfg.ray,
+                cfg.shard_rows,
+                engine_dir=str(cfg.paths.engine_dir),
             )
         total_rows = len(output.scored())
     finally:

@@ -210,7 +210,13 @@ class ImageClassifier:
     each batch itself: on CPU actors that saves moving every image tensor between processes."""
 
     def __init__(
-        self, model, settings: dict, recorded: dict, reference: str, prepare: dict | None = None
+        self,
+        model,
+        settings: dict,
+        recorded: dict,
+        reference: str,
+        prepare: dict | None = None,
+        engine_dir: str | None = None,
     ):
         import ray
         import torch
@@ -219,7 +225,7 @@ class ImageClassifier:
 
         if isinstance(model, ray.ObjectRef):  # Ray Data hands constructor args on as they are
             model = ray.get(model)
-        self.predictor = Predictor(model, PredictorSettings(**settings), recorded)
+        self.predictor = Predictor(model, PredictorSettings(**settings), recorded, engine_dir)
         self.reference = reference
         self.engine = self.predictor.engine_name  # the one resolved, not `auto`
         self.node = ray.get_runtime_context().get_node_id()
@@ -370,6 +376,7 @@ def run_scoring(
     reference: str,
     ray_cfg,
     shard_rows: int,
+    engine_dir: str | None = None,
 ) -> tuple[Counter, int, float, dict]:
     """Score `files` on Ray into `output`; (decisions, errors, images/s, job facts)."""
     import pyarrow as pa
@@ -407,7 +414,14 @@ def run_scoring(
         model = ray.put(predictor.model.cpu())
         dataset = dataset.map_batches(
             ImageClassifier,
-            fn_constructor_args=(model, _settings_dict(settings), {}, reference, prepare),
+            fn_constructor_args=(
+                model,
+                _settings_dict(settings),
+                {},
+                reference,
+                prepare,
+                engine_dir,
+            ),
             batch_size=settings.batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=ray_cfg.cpus_per_actor,

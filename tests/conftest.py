@@ -31,6 +31,17 @@ def no_network(tmp_path_factory) -> Path:
         yield log
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_engine_dir(tmp_path_factory) -> Path:
+    """One folder of converted OpenVINO backbones for the whole run, as on a user's machine,
+    where every run and entry point shares paths.engine_dir: a backbone is converted once.
+    Tests of the conversion itself give their own folder."""
+    folder = tmp_path_factory.mktemp("engines")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEM_CLS_ENGINE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def network_attempts_fail_the_test(no_network):
     """Fails a test whose processes tried to connect out, even where the error was caught."""

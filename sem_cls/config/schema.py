@@ -117,6 +117,7 @@ class DataConfig:
     num_workers: int = 2
     cache_features: bool = True
     cache_dir: str | None = None
+    engine_dir: str | None = None
     bf16: bool = True
     engine: str = FeatureEngine.auto.value  # a FeatureEngine
     synthetic: SyntheticConfig | None = None

@@ -314,7 +314,7 @@ class FeatureExtractor:
             return None
         cache = FeatureCache(Path(cache_dir) / "features")
         input_size = model.data_config["input_size"]
-        engine_dir = Path(cache_dir) / "engines"
+        engine_dir = Path(data.get("engine_dir") or Path(cache_dir) / "engines")
         return cls(
             data.get("engine", "auto"), model.backbone, input_size, data.bf16, cache, engine_dir
         )
