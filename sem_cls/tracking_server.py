@@ -62,7 +62,7 @@ def auth_environment(mlruns: Path) -> dict[str, str]:
 
 
 def server_command(
-    host: str, port: int, mlruns: Path, auth: bool = False
+    host: str, port: int, mlruns: Path, auth: bool = False, workers: int = 2
 ) -> tuple[list[str], dict[str, str]]:
     """The `mlflow server` command line and its extra environment: runs in mlruns/mlflow.db,
     artifacts served from mlruns/artifacts, with the login where `auth` or `host` asks."""
@@ -72,7 +72,7 @@ def server_command(
     (mlruns / "artifacts").mkdir(parents=True, exist_ok=True)
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server",
-        "--host", host, "--port", str(port),
+        "--host", host, "--port", str(port), "--workers", str(workers),
         "--backend-store-uri", f"sqlite:///{mlruns / 'mlflow.db'}",
         "--serve-artifacts", "--artifacts-destination", str(mlruns / "artifacts"),
     ]  # fmt: skip
@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--mlruns", type=Path, default=Path("mlruns"))
     parser.add_argument("--auth", action="store_true", help="the login on 127.0.0.1 too")
+    # MLflow's default of 4 workers, each importing MLflow, is more than a lab's few clients need.
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     args = parser.parse_args(argv)
-    command, env = server_command(args.host, args.port, args.mlruns, args.auth)
+    command, env = server_command(args.host, args.port, args.mlruns, args.auth, args.workers)
     if env:
         print(f"Tracking server with login on http://{args.host}:{args.port}", file=sys.stderr)
     os.execve(command[0], command, {**os.environ, **env})  # the server in this process's place

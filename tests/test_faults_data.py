@@ -215,6 +215,7 @@ def test_the_tracking_server_with_login_refuses_anonymous_clients(tmp_path, monk
     credentials = {"MLFLOW_TRACKING_USERNAME": "lab", "MLFLOW_TRACKING_PASSWORD": "a long secret"}
     command = [sys.executable, "-m", "sem_cls.tracking_server", "--auth", "--host", "127.0.0.1"]
     command += ["--port", url.rsplit(":", 1)[1], "--mlruns", str(tmp_path / "mlruns")]
+    command += ["--workers", "1"]
     server = subprocess.Popen(
         command, cwd=ROOT, env={**os.environ, **credentials}, start_new_session=True
     )
