@@ -49,9 +49,10 @@ LOAD_SETTINGS = ("engine", "bf16", "device")
 
 class ImagesToClassify(Dataset):
     """(image tensor, "") per file, or (zeros, why it is unusable): a bad file gets a row in the
-    output and the others go on. The check and the crop are ingest's and training's own."""
+    output and the others go on. The check and the crop are ingest's and training's own. An item
+    is a file's path, or an image file's bytes (an object read from a store)."""
 
-    def __init__(self, files: list[Path], data_config: dict, info_bar, max_pixels: int):
+    def __init__(self, files: list[Path | bytes], data_config: dict, info_bar, max_pixels: int):
         self.files = files
         self.crop = InfoBarCrop(info_bar)
         self.transform, self.decode_side = eval_preprocessing(data_config)
@@ -62,13 +63,16 @@ class ImagesToClassify(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        path = self.files[index]
-        record = check_image(path, self.max_pixels)
+        item = self.files[index]
+        data = bytes(item) if isinstance(item, bytes | bytearray) else None
+        path = Path(f"#{index}") if data is not None else item
+        record = check_image(path, self.max_pixels, data)
         if record["error"]:
             return torch.zeros(self.shape), record["error"]
         size = (record["width"], record["height"])
         box = self.crop.box(*size, record["bar_top"])
-        sample = Sample(path, -1, box, size, record["sha256"])
+        source = path if data is None else io.BytesIO(data)  # open_image takes either
+        sample = Sample(source, -1, box, size, record["sha256"])
         one = SEMImageDataset([sample], self.transform, self.decode_side, self.max_pixels)
         try:
             return one[0]["image"], ""

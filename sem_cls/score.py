@@ -88,13 +88,14 @@ def score(cfg) -> Path:
     if not isinstance(cfg.shard_rows, int) or cfg.shard_rows < 1:
         raise UserError(f"shard_rows={cfg.shard_rows} must be a whole number of 1 or more.")
     started = time.time()
-    from sem_cls.scoring import ScoreOutput, check_address, list_inputs, run_scoring
+    from sem_cls.archive_inputs import list_inputs, redacted_inputs
+    from sem_cls.scoring import ScoreOutput, check_address, run_scoring
 
     output = ScoreOutput(Path(cfg.output))
     output.check()  # each refusal before the work, so it costs nothing
     if cfg.ray.address is not None:
         check_address(str(cfg.ray.address))
-    files, left_out = list_inputs(cfg.inputs)
+    files, left_out, stores = list_inputs(cfg.inputs)  # a store that does not answer stops it
     from sem_cls.predictor import Predictor
 
     # Loaded here once: a missing model stops the run before any Ray starts; the actors get
@@ -118,6 +119,7 @@ def score(cfg) -> Path:
         if todo:
             decisions, errors, rate, facts = run_scoring(
                 todo,
+                stores,
                 output,
                 predictor,
                 str(cfg.ckpt_path),
@@ -135,7 +137,7 @@ def score(cfg) -> Path:
         cfg,
         params={
             "ckpt_path": cfg.ckpt_path,
-            "inputs": cfg.inputs,
+            "inputs": redacted_inputs(cfg.inputs),  # never a credential of a store's URI
             "output": output.folder,
             "engine": predictor.engine_name,
             "ray.address": cfg.ray.address,

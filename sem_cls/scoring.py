@@ -1,13 +1,13 @@
-"""A whole archive classified with Ray Data: files listed in the driver, read, checked, cropped
-and resized in CPU tasks, classified by an actor pool that holds one Predictor per actor, and
-written by the driver as Parquet shards into an output folder that a rerun resumes.
+"""A whole archive classified with Ray Data: files and objects listed in the driver
+(sem_cls.archive_inputs), read, checked, cropped and resized in CPU tasks, classified by an
+actor pool that holds one Predictor per actor, and written by the driver as Parquet shards into
+an output folder that a rerun resumes.
 
 The rows are predict's (sem_cls.predictor.Predictor.rows, the one decision), plus the file's
 size and modification time, which identify a file already scored, the model, the engine and
 the Ray node that classified it. Ray is imported here only, by the functions that need it.
 """
 
-import glob
 import json
 import logging
 import os
@@ -15,11 +15,12 @@ import socket
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from sem_cls.archive_inputs import InputFile, ObjectStore, read_inputs
 from sem_cls.config.predictor import PredictorSettings
 from sem_cls.errors import UserError
 
@@ -31,60 +32,6 @@ SHARD_GLOB = "part-*.parquet"
 # Tells the last shard apart when the driver was killed while writing it: never read.
 PARTIAL_SUFFIX = ".partial"
 CONNECT_TIMEOUT_S = 5
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One file to score, and what identifies it: path (absolute), size and mtime in ns."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    error: str = ""  # why it could not be listed (a symlink loop, a broken link)
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.path, self.size, self.mtime_ns)
-
-
-def list_inputs(inputs) -> tuple[list[InputFile], list[Path]]:
-    """The image files of `inputs`: folders (walked as ingest and predict walk them), globs
-    (`/archive/**/*.tif`), files named one by one, or a .txt file list (one path a line); and the
-    files of the folders left out as no image by their suffix."""
-    from sem_cls.data.images import is_image_file, walk_files
-
-    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    found: list[tuple[Path, str]] = []
-    left_out = []
-    for item in map(str, items):
-        if glob.has_magic(item):
-            found += [(Path(p), "") for p in sorted(glob.glob(item, recursive=True))]
-            continue
-        path = Path(item)
-        if path.is_dir():
-            for file, error in walk_files(path):
-                if error or is_image_file(file):
-                    found.append((file, error))
-                else:
-                    left_out.append(file)
-        elif path.is_file() and path.suffix == ".txt":
-            lines = path.read_text().splitlines()
-            found += [(Path(line.strip()), "") for line in lines if line.strip()]
-        elif path.is_file():
-            found.append((path, ""))
-        else:
-            raise UserError(f"inputs: {item} is neither a folder, a file nor a glob that matches.")
-    files = []
-    for path, error in found:
-        absolute = os.path.abspath(path)
-        try:
-            info = os.stat(absolute)
-            files.append(InputFile(absolute, info.st_size, info.st_mtime_ns, error))
-        except OSError as err:
-            files.append(InputFile(absolute, -1, -1, error or f"cannot be read: {err.strerror}"))
-    if not files:
-        raise UserError(f"inputs={items} holds no image files (.jpg .png .tif .bmp).")
-    return files, left_out
 
 
 class ScoreOutput:
@@ -190,17 +137,20 @@ def shard_schema(top_k: int):
     return pa.schema(fields)
 
 
-def prepare_images(batch: dict, data_config: dict, info_bar, max_pixels: int) -> dict:
-    """A Ray task: read, check, crop and resize a batch of files as predict does (the
-    predictor's dataset), (B, 3, H, W) float32 images and each file's error."""
+def prepare_images(
+    batch: dict, data_config: dict, info_bar, max_pixels: int, stores: list[ObjectStore]
+) -> dict:
+    """A Ray task: read (a file, or an object from its store), check, crop and resize a batch as
+    predict does (the predictor's dataset), (B, 3, H, W) float32 images and each one's error."""
     from sem_cls.predictor import ImagesToClassify
 
-    dataset = ImagesToClassify([Path(p) for p in batch["path"]], data_config, info_bar, max_pixels)
+    items, read_errors = read_inputs(batch["path"], batch["store"], stores)
+    dataset = ImagesToClassify(items, data_config, info_bar, max_pixels)
     images, errors = [], []
     for index, listed_error in enumerate(batch["error"]):
         image, error = dataset[index]
         images.append(image.numpy())
-        errors.append(listed_error or error)
+        errors.append(listed_error or read_errors[index] or error)
     return {**batch, "image": np.stack(images), "error": np.array(errors, dtype=object)}
 
 
@@ -209,15 +159,7 @@ class ImageClassifier:
     batches into shard rows. With `prepare` (prepare_images' settings) it reads and prepares
     each batch itself: on CPU actors that saves moving every image tensor between processes."""
 
-    def __init__(
-        self,
-        model,
-        settings: dict,
-        recorded: dict,
-        reference: str,
-        prepare: dict | None = None,
-        engine_dir: str | None = None,
-    ):
+    def __init__(self, model, settings: dict, reference: str, prepare=None, engine_dir=None):
         import ray
         import torch
 
@@ -225,7 +167,7 @@ class ImageClassifier:
 
         if isinstance(model, ray.ObjectRef):  # Ray Data hands constructor args on as they are
             model = ray.get(model)
-        self.predictor = Predictor(model, PredictorSettings(**settings), recorded, engine_dir)
+        self.predictor = Predictor(model, PredictorSettings(**settings), {}, engine_dir)
         self.reference = reference
         self.engine = self.predictor.engine_name  # the one resolved, not `auto`
         self.node = ray.get_runtime_context().get_node_id()
@@ -347,13 +289,9 @@ class Progress:
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            left = (self.total - self.done) / rate if rate else float("inf")
+            left = _duration((self.total - self.done) / rate if rate else float("inf"))
             log.info(
-                "Scored %d/%d images, %.1f images/s, %s left",
-                self.done,
-                self.total,
-                rate,
-                _duration(left),
+                "Scored %d/%d images, %.1f images/s, %s left", self.done, self.total, rate, left
             )
 
     @property
@@ -371,6 +309,7 @@ def _duration(seconds: float) -> str:
 
 def run_scoring(
     files: list[InputFile],
+    stores: list[ObjectStore],
     output: ScoreOutput,
     predictor,
     reference: str,
@@ -392,14 +331,12 @@ def run_scoring(
             ray_cfg.cpus_per_actor,
             len(files),
         )
-        items = [
-            {"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "error": f.error}
-            for f in files
-        ]
+        items = [asdict(f) for f in files]  # path, size, mtime_ns, error, store
         prepare = dict(
             data_config=predictor.model.data_config,
             info_bar=settings.info_bar,
             max_pixels=settings.max_pixels,
+            stores=stores,
         )
         dataset = ray.data.from_items(items)
         if ray_cfg.gpus_per_actor:
@@ -414,14 +351,7 @@ def run_scoring(
         model = ray.put(predictor.model.cpu())
         dataset = dataset.map_batches(
             ImageClassifier,
-            fn_constructor_args=(
-                model,
-                _settings_dict(settings),
-                {},
-                reference,
-                prepare,
-                engine_dir,
-            ),
+            fn_constructor_args=(model, _settings_dict(settings), reference, prepare, engine_dir),
             batch_size=settings.batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=ray_cfg.cpus_per_actor,

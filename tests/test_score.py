@@ -1,6 +1,7 @@
-"""python score.py: an archive scored on Ray equals predict, resumes, refuses what is not its own,
-and runs on a two-node cluster with token authentication. Every Ray here runs in a network and
-PID namespace of its own (unshare): only loopback, and every Ray process ends with the run."""
+"""python score.py: an archive scored on Ray equals predict, reads an S3 bucket as it reads
+files, resumes, refuses what is not its own, and runs on a two-node cluster with token
+authentication. Every Ray here runs in a network and PID namespace of its own (unshare): only
+loopback, and every Ray process (and the S3 server beside them) ends with the run."""
 
 import json
 import os
@@ -26,6 +27,7 @@ from tests.helpers import (
     run_predict,
 )
 from tests.network_guard import sitecustomize as guard_module
+from tests.s3_store import AWS_ENV, fill_bucket, start_store
 
 pytestmark = pytest.mark.skipif(
     shutil.which("unshare") is None or os.geteuid() != 0,
@@ -93,15 +95,16 @@ def score_command(tmp_path: Path, model, inputs, output, *overrides: str) -> str
     return " ".join(f"'{arg}'" for arg in args)
 
 
+def run_namespaced(script: str, ray_tmpdir: Path, timeout: int = 300, env: dict | None = None):
+    """`script` (sh) in namespaced(), in ray_env plus `env`, its output captured."""
+    environment = {**ray_env(ray_tmpdir), **(env or {})}
+    command = namespaced(script, ray_tmpdir)
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
+
+
 def run_score(tmp_path, ray_tmpdir, model, inputs, output, *overrides, timeout=240):
     command = "exec " + score_command(tmp_path, model, inputs, output, *overrides)
-    return subprocess.run(
-        namespaced(command, ray_tmpdir),
-        capture_output=True,
-        text=True,
-        env=ray_env(ray_tmpdir),
-        timeout=timeout,
-    )
+    return run_namespaced(command, ray_tmpdir, timeout)
 
 
 def read_scores(output: Path):
@@ -129,27 +132,91 @@ def write_archive(folder: Path, tiny_sem_dir: Path, copies: int = 1) -> Path:
     return folder
 
 
+# The bucket's address inside the namespace, where nothing else listens (MinIO's usual port).
+S3_PORT = 9000
+S3_PREFIX = "s3://sem-archive/scans"
+S3_INPUTS = f"{S3_PREFIX}?endpoint_override=127.0.0.1:{S3_PORT}&scheme=http"
+
+
+def write_bucket(folder: Path, archive: Path) -> Path:
+    """What the bucket holds: four of the archive's images at their relative paths, a corrupt
+    image and a file that is no image by its suffix."""
+    images = sorted(
+        p for p in archive.rglob("*") if p.suffix in IMAGE_SUFFIXES and "bad" not in p.parts
+    )
+    for image in images[:4]:
+        target = folder / image.relative_to(archive)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, target)
+    (folder / "corrupt.jpg").write_bytes(images[0].read_bytes()[:300])  # truncated
+    (folder / "notes.txt").write_text("left out by its suffix")
+    return folder
+
+
+def run_with_s3_store(tmp_path, ray_tmpdir, bucket: Path, *commands: str) -> list:
+    """`commands` (sh) one after the other in one namespace, beside an S3 server on its loopback
+    that holds `bucket` under S3_PREFIX: the CompletedProcess of each one that ran (they stop at
+    the first that fails)."""
+    ready, store_log = tmp_path / "s3-ready", tmp_path / "s3-store.log"
+    store = f"'{sys.executable}' '{ROOT / 'tests' / 's3_store.py'}'"
+    out = [tmp_path / f"command-{index}" for index in range(len(commands))]
+    chain = " && ".join(f"{c} >'{o}.out' 2>'{o}.err'" for c, o in zip(commands, out, strict=True))
+    script = "\n".join(
+        [
+            f"{store} '{bucket}' {S3_PREFIX.removeprefix('s3://')} {S3_PORT} '{ready}' "
+            f">'{store_log}' 2>&1 &",
+            f"i=0; until [ -e '{ready}' ] || [ $i -ge 600 ]; do i=$((i + 1)); sleep 0.1; done",
+            f"[ -e '{ready}' ] && {chain}",
+        ]
+    )
+    whole = run_namespaced(script, ray_tmpdir, env=AWS_ENV)
+    assert ready.exists(), f"no S3 server in time: {store_log.read_text()[-3000:]}"
+    ran = [o for o in out if o.with_suffix(".out").exists()]
+    return [
+        subprocess.CompletedProcess(
+            commands[index],
+            whole.returncode if index == len(ran) - 1 else 0,  # the chain stops at a failure
+            o.with_suffix(".out").read_text(),
+            o.with_suffix(".err").read_text(),
+        )
+        for index, o in enumerate(ran)
+    ]
+
+
 @pytest.fixture(scope="module")
 def scored(trained_run, tiny_sem_dir, tmp_path_factory):
-    """One local-Ray run on the archive, and predict's rows on the same files."""
+    """One local-Ray run on the archive and on an S3 bucket that holds a few of its images (a
+    moto server on the namespace's loopback), a rerun of it beside the same bucket, and
+    predict's rows on the archive's files."""
     tmp_path = tmp_path_factory.mktemp("score")
     archive = write_archive(tmp_path / "archive", tiny_sem_dir)
+    bucket = write_bucket(tmp_path / "bucket", archive)
     ckpt = best_checkpoint(trained_run[0])
     output = tmp_path / "scores"
+    inputs = f'[{archive},"{S3_INPUTS}"]'
+    command = score_command(tmp_path, ckpt, inputs, output, "ray.num_cpus=2")
     ray_tmpdir = short_ray_tmpdir()
     try:
-        result = run_score(tmp_path, ray_tmpdir, ckpt, archive, output, "ray.num_cpus=2")
+        results = run_with_s3_store(tmp_path, ray_tmpdir, bucket, command, command)
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert len(results) == 2
     predicted = run_predict(trained_run, tmp_path, ckpt, archive)
+    rows = read_scores(output)
+    in_bucket = rows["path"].str.startswith("s3://")
     return dict(
         tmp_path=tmp_path,
         archive=archive,
+        bucket=bucket,
         ckpt=ckpt,
         output=output,
-        result=result,
-        scores=read_scores(output),
+        result=results[0],
+        rerun=results[1],
+        rows=rows,
+        scores=rows[~in_bucket].reset_index(drop=True),
+        objects=rows[in_bucket].reset_index(drop=True),
         predicted={row["path"]: row for row in predicted},
     )
 
@@ -174,6 +241,33 @@ def test_rows_equal_predict(scored):
     assert len(bad) == 3 and (bad["error"] != "").all()
 
 
+def test_objects_of_an_s3_bucket_score_as_the_same_files(scored):
+    objects, files = scored["objects"], scored["scores"].set_index("path")
+    bucket = scored["bucket"]
+    expected = {
+        f"{S3_PREFIX}/{p.relative_to(bucket).as_posix()}": p
+        for p in bucket.rglob("*")
+        if p.is_file() and p.suffix != ".txt"
+    }
+    assert sorted(objects["path"]) == sorted(expected)  # full URIs, each object once
+    for row in objects.to_dict("records"):
+        local = scored["archive"] / expected[row["path"]].relative_to(bucket)
+        if not local.exists():  # the corrupt object
+            assert row["error"] and row["confidence"] != row["confidence"], row
+            continue
+        assert row["size"] == local.stat().st_size and row["mtime_ns"] > 0
+        same = files.loc[str(local)]
+        assert not row["error"] and row["predicted_class"] == same["predicted_class"]
+        for column in ["confidence", "novelty", "top1_prob", "top2_prob", "top3_prob"]:
+            assert abs(row[column] - same[column]) < 1e-4, (row["path"], column)
+        assert [row[f"top{k}_class"] for k in (1, 2, 3)] == [
+            same[f"top{k}_class"] for k in (1, 2, 3)
+        ]
+    # The rerun lists the bucket again and finds every object scored.
+    assert "0 images scored" in scored["rerun"].stdout
+    assert f"{len(scored['rows'])} already scored" in scored["rerun"].stdout
+
+
 def test_rows_identify_the_file_the_model_and_engine(scored):
     scores = scored["scores"]
     for row in scores.to_dict("records"):
@@ -188,20 +282,22 @@ def test_rows_identify_the_file_the_model_and_engine(scored):
 def test_progress_summary_and_mlflow_run(scored, tmp_path):
     import mlflow
 
-    result, scores = scored["result"], scored["scores"]
+    result, scores = scored["result"], scored["rows"]  # the archive's and the bucket's
     shown = result.stdout + result.stderr
     assert "images/s" in shown and " left" in shown
     classified = int((scores["error"] == "").sum())
     assert f"{len(scores)} images scored: {classified} classified" in result.stdout
-    assert "3 unreadable" in result.stdout
+    assert "4 unreadable" in result.stdout
     tracking_uri = f"sqlite:///{scored['tmp_path'] / 'mlruns' / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("sem-cls-score")
-    (run,) = client.search_runs([experiment.experiment_id])
+    run, rerun = client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
+    assert (rerun.data.metrics["images"], rerun.data.metrics["already_scored"]) == (0, len(scores))
     assert run.data.metrics["images"] == len(scores)
-    assert run.data.metrics["errors"] == 3
+    assert run.data.metrics["errors"] == 4
     assert run.data.metrics["images_per_s"] > 0
     assert run.data.params["ckpt_path"] == str(scored["ckpt"])
+    assert S3_INPUTS in run.data.params["inputs"]
     files = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"class_counts.json", "class_counts.png"} <= files
     saved = client.download_artifacts(run.info.run_id, "class_counts.json", str(tmp_path))
@@ -232,11 +328,18 @@ def test_unrelated_output_folder_is_refused_and_left_as_it_was(scored, tmp_path)
     [
         ("ckpt_path=/nowhere/model.ckpt", ["/nowhere/model.ckpt"]),
         ("inputs=EMPTY", ["holds no image files"]),
+        # An S3 store that does not answer: its SDK's three tries take about 6 s.
+        (
+            f'inputs="{S3_PREFIX}?endpoint_override=127.0.0.1:9&scheme=http"',
+            [S3_PREFIX, "cannot be listed"],
+        ),
         ("ray.address=127.0.0.1:9", ["ray.address=127.0.0.1:9", "does not answer"]),
         ("ray.actors=0", ["ray.actors=0"]),
     ],
 )
-def test_bad_input_is_refused_at_once(scored, tmp_path, override, phrases):
+def test_bad_input_is_refused_at_once(scored, tmp_path, monkeypatch, override, phrases):
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "notes.txt").write_text("no image")
@@ -253,6 +356,40 @@ def test_bad_input_is_refused_at_once(scored, tmp_path, override, phrases):
     )
     assert time.monotonic() - started < 30
     assert_user_error(result, *phrases)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def s3_store(monkeypatch):
+    """An S3 server on loopback in this process, the AWS variables set for it: its host:port."""
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    server, endpoint = start_store()
+    yield endpoint
+    server.stop()
+
+
+def test_a_bucket_that_does_not_exist_is_refused_at_once(trained_run, s3_store, tmp_path):
+    (tmp_path / "bucket").mkdir()  # the store answers, and holds another bucket
+    (tmp_path / "bucket" / "a.png").write_bytes(b"an object")
+    fill_bucket(s3_store, "sem-archive/scans", tmp_path / "bucket")
+    # Credentials written into the URI are never shown: the user info, keys, secrets, tokens.
+    key_id, secret = "AKIASEMCLSTESTS", "secret-in-the-uri"
+    uri = f"s3://{key_id}:{secret}@no-such-bucket/scans?endpoint_override={s3_store}&scheme=http"
+    started = time.monotonic()
+    result = run_in_process(
+        "score.py",
+        f"ckpt_path={best_checkpoint(trained_run[0])}",
+        f'inputs="{uri}"',
+        f"output={tmp_path / 'out'}",
+        tmp_path=tmp_path,
+    )
+    assert time.monotonic() - started < 30
+    assert_user_error(
+        result, "s3://no-such-bucket/scans", "the bucket no-such-bucket does not exist"
+    )
+    assert secret not in result.stderr + result.stdout
+    assert key_id not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists()
 
 
@@ -335,13 +472,7 @@ def test_two_node_cluster_with_token_authentication(scored, tmp_path, ray_tmpdir
             f"echo wrong-token-exit=$(RAY_AUTH_TOKEN={'0' * 64} {connect} >/dev/null 2>&1;echo $?)",
         ]
     )
-    result = subprocess.run(
-        namespaced(script, ray_tmpdir),
-        capture_output=True,
-        text=True,
-        env=ray_env(ray_tmpdir),
-        timeout=300,
-    )
+    result = run_namespaced(script, ray_tmpdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "right-token-exit=0" in result.stdout
     assert "wrong-token-exit=" in result.stdout

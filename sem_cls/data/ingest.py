@@ -110,12 +110,15 @@ def _reason(error: str) -> str:
     return "unreadable"
 
 
-def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """Size, sha256, perceptual hash and info-bar top row of one image, or why it is unusable."""
+def check_image(
+    path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None
+) -> dict:
+    """Size, sha256, perceptual hash and info-bar top row of one image, or why it is unusable.
+    `data`: the file's bytes where they were read already (an object from a store)."""
     record = {"width": 0, "height": 0, "sha256": "", "phash": "", "bar_top": 0, "pages": 0}
     record["error"] = ""
     try:
-        data = path.read_bytes()
+        data = path.read_bytes() if data is None else data
     except OSError as err:  # the disk, permissions, a link: the file may be fine next time
         reason = err.strerror or type(err).__name__
         if path.is_dir() or err.errno == errno.ELOOP:  # only a walk's loop yields a folder here

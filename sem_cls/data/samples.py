@@ -17,7 +17,7 @@ from sem_cls.data.images import DEFAULT_MAX_PIXELS, open_image, scale_box
 class Sample(NamedTuple):
     """One image as the loaders see it: where, which class, what to keep, what it holds."""
 
-    path: Path
+    path: Path  # or a binary file object: an image read from a store
     label: int
     crop_box: tuple[int, int, int, int]  # in original pixels
     size: tuple[int, int]  # original (width, height)
