@@ -356,6 +356,7 @@ def run_scoring(
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=ray_cfg.cpus_per_actor,
             num_gpus=ray_cfg.gpus_per_actor,
+            scheduling_strategy="SPREAD",  # actors over every node: their disks and networks too
         )
         schema = shard_schema(settings.top_k)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
