@@ -81,17 +81,18 @@ def compare(argv: list[str]) -> "pd.DataFrame":
     # MLflow and pandas only for a command line that was not refused.
     import mlflow
 
+    from sem_cls.compat import mlflow_tracking_uri
     from sem_cls.tracking import SUMMARY_TAG, runs_table, tracking_client
 
     metric = options["metric"] or cfg.optimized_metric
     uri = cfg.logger.mlflow.tracking_uri
-    mlflow.set_tracking_uri(uri)
     client = tracking_client(uri)
     experiment = find_experiment(client, options["experiment"], overrides)
     sweep = options["sweep"]
-    runs = mlflow.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.sweep_id = '{sweep}'" if sweep else ""
-    )
+    with mlflow_tracking_uri(uri):  # this store for the search, the process's URI left alone
+        runs = mlflow.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.sweep_id = '{sweep}'" if sweep else ""
+        )
     if f"tags.{SUMMARY_TAG}" in runs:  # a sweep's summary run is not a run to rank
         runs = runs[runs[f"tags.{SUMMARY_TAG}"].isna()]
     if runs.empty:

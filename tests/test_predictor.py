@@ -178,13 +178,17 @@ def test_a_downloaded_mlflow_model_folder_loads_as_its_checkpoint(
 ):
     import mlflow
 
+    from sem_cls.compat import mlflow_tracking_uri
     from sem_cls.predictor import Predictor
 
     cfg, _, _, run = trained_run
-    folder = mlflow.artifacts.download_artifacts(
-        f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path / "model"),
-        tracking_uri=cfg.logger.mlflow.tracking_uri,
-    )  # fmt: skip
+    # As in a fresh process: the run's store is the process's (runs:/ finds the logged model
+    # through it, whatever tracking_uri says).
+    with mlflow_tracking_uri(cfg.logger.mlflow.tracking_uri):
+        folder = mlflow.artifacts.download_artifacts(
+            f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path / "model"),
+            tracking_uri=cfg.logger.mlflow.tracking_uri,
+        )  # fmt: skip
     images = sorted(tiny_sem_dir.glob("*/*.jpg"))[:3]
     settings = PredictorSettings(num_workers=0)
     from_folder = Predictor.load(folder, settings).predict(images)

@@ -8,6 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from sem_cls.compat import mlflow_tracking_uri
 from sem_cls.tracking.store import experiment_for
 from sem_cls.tracking.summary import runs_table
 
@@ -62,9 +63,9 @@ def summarize_sweep(
     import mlflow
 
     client, experiment_id = experiment_for(mlflow_cfg)
-    mlflow.set_tracking_uri(mlflow_cfg.tracking_uri)
     every_experiment = [e.experiment_id for e in client.search_experiments()]
-    runs = mlflow.search_runs(every_experiment, filter_string=f"tags.sweep_id = '{sweep}'")
+    with mlflow_tracking_uri(mlflow_cfg.tracking_uri):  # the process's URI left as it was
+        runs = mlflow.search_runs(every_experiment, filter_string=f"tags.sweep_id = '{sweep}'")
     if runs.empty:
         log.warning("No MLflow run is tagged sweep_id=%s; no sweep summary.", sweep)
         return None
