@@ -38,15 +38,19 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update && apt-get install -y chromium
 
+# Two test processes, a test file each at a time (its fixtures built once): most tests spend much
+# of their time waiting on a subprocess, a server or Ray, which the other process fills.
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile
+
 test: $(STAMP) $(CHROMIUM)  ## lint, the import layers, then the test suite
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP) $(CHROMIUM)  ## lint, the import layers, then the tests not marked slow (no training subprocesses, DDP, sweeps)
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)  ## ruff lint and format check, the import layers (pyproject.toml)
 	$(PY) -m ruff check .
