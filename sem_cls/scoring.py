@@ -192,7 +192,7 @@ def shard_schema(top_k: int):
 
 def prepare_images(batch: dict, data_config: dict, info_bar, max_pixels: int) -> dict:
     """A Ray task: read, check, crop and resize a batch of files as predict does (the
-    predictor's dataset), (B, 3, H, W) float32 images and each file's error."""
+    predictor's dataset), (B, H, W, 3) uint8 images and each file's error."""
     from sem_cls.predictor import ImagesToClassify
 
     dataset = ImagesToClassify([Path(p) for p in batch["path"]], data_config, info_bar, max_pixels)
