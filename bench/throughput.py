@@ -5,13 +5,18 @@
 Every variant runs interleaved in one process (best of --runs), so a busy machine slows all of
 them alike and the ratios hold. The ceiling is the plain eval-mode timm model (bf16 autocast
 where the CPU computes bf16 natively), built here, not through the project. The pipeline is what
-feature extraction runs: decode, info-bar crop, resize, backbone. Weights do not change the
+feature extraction runs: decode, info-bar crop, resize to uint8 pixels, backbone (which
+normalises the batch). Weights do not change the
 speed, so they are random. The pipeline decodes JPEGs at the scale the model needs (PIL's draft
 mode); one more row runs the OpenVINO pipeline on full decodes, and the features of the two
-decodes are compared (cosine).
+decodes are compared (cosine). Last, the CPU time per image of each step, single-threaded
+(decode, info-bar crop, resize to uint8 pixels) and the OpenVINO engine's per image over its
+threads, and the ceiling they set on this machine's cores: cores / (preprocessing + inference
+CPU time), against the backbone alone on them (cores / inference CPU time).
 """
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -24,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sem_cls.data.datamodule import SEMDataModule  # noqa: E402
 from sem_cls.data.features import extract_features  # noqa: E402
+from sem_cls.data.images import open_image, scale_box  # noqa: E402
 from sem_cls.data.ingest import ingest  # noqa: E402
 from sem_cls.data.manifest import SplitManifest  # noqa: E402
-from sem_cls.data.samples import SEMImageDataset  # noqa: E402
+from sem_cls.data.samples import SEMImageDataset, normalised  # noqa: E402
 from sem_cls.data.synthetic import generate_dataset  # noqa: E402
 from sem_cls.models.build import build_model  # noqa: E402
 from sem_cls.models.engines import TorchEngine, create_engine, native_bf16  # noqa: E402
@@ -35,22 +41,43 @@ from sem_cls.models.engines import TorchEngine, create_engine, native_bf16  # no
 class PlainModel:
     """The timm model in eval mode, bf16 autocast if asked: the ceiling."""
 
-    def __init__(self, backbone, bf16: bool):
+    def __init__(self, backbone, data_config: dict, bf16: bool):
         self.backbone, self.bf16 = backbone, bf16
+        self.mean, self.std = data_config["mean"], data_config["std"]
         self.num_features = backbone.num_features
         self.device = torch.device("cpu")
 
     @torch.inference_mode()
     def __call__(self, images):
+        images = normalised(images, self.mean, self.std)  # (B, H, W, 3) uint8 -> (B, 3, H, W)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             return self.backbone(images.contiguous(memory_format=torch.channels_last)).float()
 
 
-def backbone_alone(run, images: torch.Tensor, batches: int) -> float:
-    start = time.perf_counter()
+def backbone_alone(run, images: torch.Tensor, batches: int) -> tuple[float, float]:
+    """img/s, and CPU ms per image over all the engine's threads."""
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         run(images)
-    return len(images) * batches / (time.perf_counter() - start)
+    count = len(images) * batches
+    return count / (time.perf_counter() - start), (time.process_time() - cpu) * 1000 / count
+
+
+def steps_per_image(dataset) -> dict[str, float]:
+    """CPU ms per image of each preprocessing step, single-threaded, as a loader worker runs
+    them (SEMImageDataset.__getitem__)."""
+    spent = {"decode (draft)": 0.0, "info-bar crop": 0.0, "resize to uint8 pixels": 0.0}
+    for sample in dataset.samples:
+        start = time.process_time()
+        image, size = open_image(sample.path, "RGB", dataset.min_side, dataset.max_pixels)
+        decoded = time.process_time()
+        image = image.crop(scale_box(sample.crop_box, size, image.size))
+        cropped = time.process_time()
+        dataset.transform(image)
+        times = (decoded - start, cropped - decoded, time.process_time() - cropped)
+        for name, seconds in zip(spent, times, strict=True):
+            spent[name] += seconds * 1000 / len(dataset)
+    return spent
 
 
 def pipeline(engine, dataset, batch_size: int, num_workers: int) -> float:
@@ -77,17 +104,19 @@ def main() -> None:
     plain = plain.to(memory_format=torch.channels_last)
     plain.load_state_dict(model.backbone.state_dict())
     with tempfile.TemporaryDirectory() as tmp:
-        openvino = create_engine("openvino", model.backbone, input_size, True, Path(tmp))
+        openvino = create_engine("openvino", model.backbone, model.data_config, True, Path(tmp))
         # bf16 rows only where the CPU computes bf16: emulated, it is many times slower than
         # fp32 and the project never runs it (the engines fall back to fp32, said in the log).
         precisions = ["bf16", "fp32"] if native_bf16(torch.device("cpu")) else ["fp32"]
         engines = {}
         for precision in precisions:
             engines[f"ceiling {precision} (plain eval model)"] = PlainModel(
-                plain, precision == "bf16"
+                plain, model.data_config, precision == "bf16"
             )
         for precision in precisions:
-            engines[f"torch {precision}"] = TorchEngine(model.backbone, precision == "bf16")
+            engines[f"torch {precision}"] = TorchEngine(
+                model.backbone, model.data_config, precision == "bf16"
+            )
         engines[f"openvino {openvino.precision}"] = openvino
         data_dir = Path(tmp) / "synthetic"
         generate_dataset(data_dir, images_per_class=max(1, args.images // 10))
@@ -99,14 +128,17 @@ def main() -> None:
         full_decode = SEMImageDataset(samples, dataset.transform, 0, dataset.max_pixels)
         decoded = f"openvino {openvino.precision}, full decode"
 
-        images = torch.randn(args.batch_size, *input_size)
+        # (B, H, W, 3) uint8, as the eval transform hands them over
+        images = torch.randint(0, 256, (args.batch_size, *input_size[1:], 3), dtype=torch.uint8)
         alone = {name: 0.0 for name in engines}
+        cpu = {name: float("inf") for name in engines}
         full = {name: 0.0 for name in engines}
         for run in engines.values():
             run(images)  # warm-up: kernels are picked on the first call
         for _ in range(args.runs):
             for name, run in engines.items():
-                alone[name] = max(alone[name], backbone_alone(run, images, args.batches))
+                speed, cpu_ms = backbone_alone(run, images, args.batches)
+                alone[name], cpu[name] = max(alone[name], speed), min(cpu[name], cpu_ms)
                 print(f"backbone alone, {name}: {alone[name]:.1f} img/s", flush=True)
             for name, run in engines.items():
                 speed = pipeline(run, dataset, args.batch_size, args.num_workers)
@@ -120,6 +152,8 @@ def main() -> None:
             features.append(torch.empty(len(samples), openvino.num_features).numpy())
             extract_features(openvino, images_of, args.batch_size, args.num_workers, features[-1])
         cosine = torch.nn.functional.cosine_similarity(*map(torch.from_numpy, features))
+        steps = [steps_per_image(dataset) for _ in range(args.runs)]
+        steps = {name: min(run[name] for run in steps) for name in steps[0]}
 
     best = precisions[0]  # what the project runs on this CPU
     ceiling = alone[f"ceiling {best} (plain eval model)"]
@@ -141,6 +175,19 @@ def main() -> None:
         )
     similar = f"cosine min {cosine.min():.4f}, mean {cosine.mean():.4f}"
     print(f"features, draft vs full decode: {similar}")
+    # What the cores allow: every image costs its preprocessing and its share of inference.
+    cores = len(os.sched_getaffinity(0))
+    ov_name = f"openvino {openvino.precision}"
+    for name, ms in steps.items():
+        print(f"CPU per image, {name}: {ms:.2f} ms")
+    print(f"CPU per image, {ov_name} inference: {cpu[ov_name]:.2f} ms (best of {args.runs})")
+    # CPU times, not wall times: the ratio holds on a busy machine.
+    ceiling = cores * 1000 / (sum(steps.values()) + cpu[ov_name])
+    backbone = cores * 1000 / cpu[ov_name]
+    print(
+        f"ceiling on {cores} cores: {ceiling:.1f} img/s against the backbone alone on them "
+        f"{backbone:.1f} img/s: {ceiling / backbone:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -92,10 +92,10 @@ class DemoClassifier:
         seen, cams = {}, {}
         for start in range(0, len(readable), batch_size):
             chunk = readable[start : start + batch_size]
-            images = torch.stack([dataset[i][0] for i in chunk])  # (B, 3, H, W)
+            images = torch.stack([dataset[i][0] for i in chunk])  # (B, H, W, 3) uint8
             maps, _ = grad_cam(self.model, images.to(self.predictor.device))  # (B, H, W)
             for i, image, cam in zip(chunk, images, maps, strict=True):
-                shown = as_seen(self.model, image)
+                shown = as_seen(image)
                 seen[i] = (shown.numpy() * 255).round().astype(np.uint8)
                 cams[i] = overlay(shown, cam)
         return seen, cams

@@ -167,8 +167,9 @@ def extract(cfg: DictConfig, model, samples) -> np.ndarray:
     dataset = SEMImageDataset(samples, transform, decode_side, data.max_pixels)
     extractor = FeatureExtractor.from_config(data, model)
     if extractor is None:
-        input_size = model.data_config["input_size"]
-        engine = create_engine(data.engine, model.backbone, input_size, data.bf16)
+        engine = create_engine(
+            data.engine, model.backbone, model.data_config, data.bf16, data.get("engine_dir")
+        )
         out = np.empty((len(samples), engine.num_features), dtype=np.float32)
         extract_features(engine, dataset, data.batch_size, data.num_workers, out)
         return out

@@ -68,7 +68,7 @@ class ImagesToClassify(Dataset):
         path = Path(f"#{index}") if data is not None else item
         record = check_image(path, self.max_pixels, data)
         if record["error"]:
-            return torch.zeros(self.shape), record["error"]
+            return self.blank(), record["error"]
         size = (record["width"], record["height"])
         box = self.crop.box(*size, record["bar_top"])
         source = path if data is None else io.BytesIO(data)  # open_image takes either
@@ -77,7 +77,12 @@ class ImagesToClassify(Dataset):
         try:
             return one[0]["image"], ""
         except Exception as err:  # changed since the check, or fails only at this decode size
-            return torch.zeros(self.shape), f"{type(err).__name__}: {err}"
+            return self.blank(), f"{type(err).__name__}: {err}"
+
+    def blank(self) -> torch.Tensor:
+        """The stand-in for an unusable file: black (H, W, 3) uint8 pixels, as the transform
+        hands over."""
+        return torch.zeros((*self.shape[1:], self.shape[0]), dtype=torch.uint8)
 
 
 class Predictor:
@@ -123,16 +128,15 @@ class Predictor:
             kind, why = resolve_engine(engine, self.device, frozen=True)
             if model.backbone is None:  # loaded for its cached converted backbone
                 self.engine = OpenVINOEngine(
-                    None, tuple(model.data_config["input_size"]), self.settings.bf16, cache_dir,
+                    None, model.data_config, self.settings.bf16, cache_dir,
                     weights, architecture=model.spec["backbone"].split(".")[0],
                     num_features=model.spec["num_features"],
                 )  # fmt: skip
             elif kind == "torch":
-                self.engine = TorchEngine(model.backbone, self.settings.bf16)
+                self.engine = TorchEngine(model.backbone, model.data_config, self.settings.bf16)
             else:
                 self.engine = create_engine(
-                    kind, model.backbone, tuple(model.data_config["input_size"]),
-                    self.settings.bf16, cache_dir,
+                    kind, model.backbone, model.data_config, self.settings.bf16, cache_dir,
                 )  # fmt: skip
             log.info("Engine: %s %s (%s)", self.engine.name, self.engine.precision, why)
         if self.settings.novelty and not model.has_novelty:
@@ -223,7 +227,7 @@ class Predictor:
         with torch.inference_mode(), bar:
             for images, batch_errors in loader:
                 images = images.to(self.device)
-                # (B, 3, H, W) -> (B, num_features)
+                # (B, H, W, 3) uint8 -> (B, num_features)
                 features = self.engine(images) if self.engine else self.model.features(images)
                 features = features.to(self.device).float()
                 logits = self.model.head(features)  # (B, num_features) -> (B, num_classes)
@@ -239,11 +243,11 @@ class Predictor:
 
     def score_images(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (B, num_classes) and novelty scores (B,) of images already prepared as
-        `dataset` prepares them (B, 3, H, W): for callers that decode elsewhere, such as the Ray
-        tasks of sem_cls.scoring. The same steps as `scores`, one batch."""
+        `dataset` prepares them ((B, H, W, 3) uint8): for callers that decode elsewhere, such as
+        the Ray tasks of sem_cls.scoring. The same steps as `scores`, one batch."""
         with torch.inference_mode():
             images = images.to(self.device)
-            # (B, 3, H, W) -> (B, num_features)
+            # (B, H, W, 3) uint8 -> (B, num_features)
             features = self.engine(images) if self.engine else self.model.features(images)
             features = features.to(self.device).float()
             logits = self.model.head(features)  # (B, num_features) -> (B, num_classes)

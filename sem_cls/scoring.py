@@ -141,7 +141,7 @@ def prepare_images(
     batch: dict, data_config: dict, info_bar, max_pixels: int, stores: list[ObjectStore]
 ) -> dict:
     """A Ray task: read (a file, or an object from its store), check, crop and resize a batch as
-    predict does (the predictor's dataset), (B, 3, H, W) float32 images and each one's error."""
+    predict does (the predictor's dataset), (B, H, W, 3) uint8 images and each one's error."""
     from sem_cls.predictor import ImagesToClassify
 
     items, read_errors = read_inputs(batch["path"], batch["store"], stores)

@@ -154,7 +154,7 @@ def cached(cache, backbone, preprocessing="p", digests=("a", "b", "c", "d", "e",
     """FeatureCache.features of an `Images(**kw)` set (looked up when called), batches of 2."""
     from sem_cls.models.engines import TorchEngine
 
-    engine = TorchEngine(backbone, bf16=False)
+    engine = TorchEngine(backbone, timm.data.resolve_model_data_config(backbone), bf16=False)
     return cache.features(engine, {"resize": preprocessing}, Images(**kw), list(digests), 2, 0)
 
 
@@ -257,9 +257,8 @@ def feature_extractor(model, cache_dir: Path, kind: str = "torch", bf16: bool = 
     from sem_cls.models.engines import FeatureExtractor
 
     cache = FeatureCache(Path(cache_dir) / "features")
-    input_size = model.data_config["input_size"]
     return FeatureExtractor(
-        kind, model.backbone, input_size, bf16, cache, Path(cache_dir) / "engines"
+        kind, model.backbone, model.data_config, bf16, cache, Path(cache_dir) / "engines"
     )
 
 

@@ -15,6 +15,7 @@ from torch.nn.functional import cosine_similarity
 
 from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.features import FeatureCache
+from sem_cls.data.samples import normalised
 from sem_cls.errors import UserError
 from sem_cls.models import engines
 from sem_cls.models.build import build_model
@@ -37,7 +38,7 @@ def lite0():
 
 @pytest.fixture(scope="module")
 def images(tiny_sem_dir, lite0):
-    """Real preprocessed batches of the tiny generated set: (16, 3, 224, 224)."""
+    """Real preprocessed batches of the tiny generated set: (16, 224, 224, 3) uint8."""
     datamodule = SEMDataModule(split_manifest(tiny_sem_dir), lite0.data_config, num_workers=0)
     datamodule.setup()
     dataset = datamodule.image_dataset(datamodule.samples["train"][:16])
@@ -47,7 +48,7 @@ def images(tiny_sem_dir, lite0):
 @pytest.fixture(scope="module")
 def openvino_engine(lite0, tmp_path_factory):
     cache = tmp_path_factory.mktemp("engines")
-    return create_engine("openvino", lite0.backbone, (3, 224, 224), False, cache), cache
+    return create_engine("openvino", lite0.backbone, lite0.data_config, False, cache), cache
 
 
 def test_wholly_frozen_backbone_is_the_plain_model_with_the_same_features(lite0, images):
@@ -58,7 +59,8 @@ def test_wholly_frozen_backbone_is_the_plain_model_with_the_same_features(lite0,
     timm.utils.freeze(swapped)
     assert any(is_frozen_batchnorm(m) for m in swapped.modules())
     with torch.no_grad():
-        plain, before = lite0.features(images), swapped.eval()(images)
+        model_input = normalised(images, lite0.data_config["mean"], lite0.data_config["std"])
+        plain, before = lite0.features(images), swapped.eval()(model_input)
     assert cosine_similarity(plain, before).min() > 0.99999
     torch.testing.assert_close(plain, before, atol=1e-4, rtol=1e-4)
 
@@ -74,6 +76,7 @@ def test_wholly_frozen_backbone_does_not_train(tiny_sem_dir, lite0, images):
     assert not any(p.requires_grad for p in backbone.parameters())
     optimizer = model.configure_optimizers()
     batch = {"image": images, "label": torch.arange(16) % 10, "index": torch.arange(16)}
+    batch = model.on_after_batch_transfer(batch, 0)  # as the Trainer hands it over
     model.training_step(batch, 0).backward()
     optimizer.step()
     after = backbone.state_dict()
@@ -98,7 +101,7 @@ def test_checkpoint_of_a_frozen_batchnorm_model_still_loads(lite0):
 
 def test_openvino_features_agree_with_torch(lite0, images, openvino_engine):
     engine, _ = openvino_engine
-    torch_fp32 = TorchEngine(lite0.backbone, bf16=False)(images)
+    torch_fp32 = TorchEngine(lite0.backbone, lite0.data_config, bf16=False)(images)
     converted = engine(images)
     assert converted.shape == torch_fp32.shape == (16, lite0.backbone.num_features)
     assert cosine_similarity(converted, torch_fp32).min() >= 0.999
@@ -117,13 +120,13 @@ def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatc
         raise AssertionError("converted again although it is cached")
 
     monkeypatch.setattr(ov, "convert_model", no_conversion)
-    again = create_engine("openvino", lite0.backbone, (3, 224, 224), False, cache)
+    again = create_engine("openvino", lite0.backbone, lite0.data_config, False, cache)
     assert again.key == engine.key
     other = copy.deepcopy(lite0.backbone)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     with pytest.raises(UserError, match="converted again"):
-        create_engine("openvino", other, (3, 224, 224), False, cache)  # other weights: new key
+        create_engine("openvino", other, lite0.data_config, False, cache)  # other weights: new key
 
 
 @pytest.mark.parametrize(
@@ -138,12 +141,13 @@ def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatc
 def test_a_damaged_or_foreign_converted_model_is_converted_again(tmp_path, damage):
     # A small backbone: the cache's checks do not depend on which model it holds.
     backbone = timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
-    images = torch.randn(2, 3, 64, 64)
-    engine = create_engine("openvino", backbone, (3, 64, 64), False, tmp_path)
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    config = {**timm.data.resolve_model_data_config(backbone), "input_size": (3, 64, 64)}
+    engine = create_engine("openvino", backbone, config, False, tmp_path)
     expected = engine(images)
     xml = tmp_path / f"{engine.key}.xml"
     damage(xml)
-    again = create_engine("openvino", backbone, (3, 64, 64), False, tmp_path)
+    again = create_engine("openvino", backbone, config, False, tmp_path)
     assert engines.cached_model(tmp_path, engine.key) == xml, "rebuilt and recorded"
     assert cosine_similarity(again(images), expected).min() >= 0.9999
 
@@ -171,10 +175,9 @@ ENGINES_THEN_A_SIGNAL = textwrap.dedent(
     """
     import gc, os, signal, timm
     from sem_cls.models.engines import create_engine
-    made = [
-        create_engine("openvino", timm.create_model("resnet10t", num_classes=0), (3, 32, 32), False)
-        for _ in range(2)
-    ]
+    backbone = timm.create_model("resnet10t", num_classes=0)
+    config = {**timm.data.resolve_model_data_config(backbone), "input_size": (3, 32, 32)}
+    made = [create_engine("openvino", backbone, config, False) for _ in range(2)]
     while made:
         made.pop(0)
         gc.collect()
@@ -194,8 +197,9 @@ def test_released_engines_leave_signal_handling_working():
 
 def test_feature_cache_keys_the_engine(lite0, openvino_engine, tmp_path):
     cache = FeatureCache(tmp_path)
-    torch_key = cache.backbone_key(TorchEngine(lite0.backbone, False), {})
-    bf16 = TorchEngine(lite0.backbone, True)  # bf16 only where the CPU computes it natively
+    torch_key = cache.backbone_key(TorchEngine(lite0.backbone, lite0.data_config, False), {})
+    # bf16 only where the CPU computes it natively
+    bf16 = TorchEngine(lite0.backbone, lite0.data_config, True)
     assert (torch_key != cache.backbone_key(bf16, {})) == (bf16.precision == "bf16")
     assert torch_key != cache.backbone_key(openvino_engine[0], {})
 
@@ -268,7 +272,7 @@ def test_predict_engine_serves_a_loaded_checkpoint(trained_run, tiny_sem_dir, op
 def test_openvino_that_cannot_be_imported_is_an_error_not_a_fallback(lite0, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(UserError, match="data.engine=openvino, but OpenVINO cannot be imported"):
-        create_engine("openvino", lite0.backbone, (3, 224, 224), False)
+        create_engine("openvino", lite0.backbone, lite0.data_config, False)
 
 
 @pytest.mark.slow

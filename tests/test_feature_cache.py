@@ -156,7 +156,7 @@ def test_bf16_features_stay_close_to_fp32(tiny_sem_dir, tmp_path):
     accuracy, features = {}, {}
     for bf16 in (False, True):
         features[bf16] = FeatureCache(tmp_path).features(
-            TorchEngine(model.backbone, bf16),
+            TorchEngine(model.backbone, model.data_config, bf16),
             {},
             datamodule.image_dataset(samples),
             [s.sha256 for s in samples],

@@ -151,7 +151,7 @@ def test_real_external_folder_loads_cropped_for_a_model(tiny_sem_dir, real_sem_d
     dataset = datamodule.image_dataset(samples)
     for index in range(len(samples)):
         image, label = dataset[index]["image"], dataset[index]["label"]
-        assert image.shape == (3, 224, 224) and label == samples[index].label
+        assert image.shape == (224, 224, 3) and label == samples[index].label
 
 
 def small_folder(root: Path) -> Path:

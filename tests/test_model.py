@@ -10,6 +10,7 @@ from timm.data import resolve_model_data_config
 from torch.utils.data import DataLoader
 
 from sem_cls.data.datamodule import SEMDataModule
+from sem_cls.data.samples import normalised
 from sem_cls.errors import PretrainedWeightsUnavailable, UserError
 from sem_cls.evaluation.callback import SplitScores
 from sem_cls.models.backbones import create_backbone
@@ -77,8 +78,10 @@ def linear_probe_accuracy(data_dir, pretrained: bool) -> float:
     datamodule.setup("fit")
     samples = [sample for split in datamodule.samples.values() for sample in split]
     loader = DataLoader(datamodule.image_dataset(samples), 16)
+    config = datamodule.data_config
     with torch.inference_mode():
-        features = torch.cat([backbone(batch["image"]) for batch in loader]).numpy()
+        batches = [normalised(batch["image"], config["mean"], config["std"]) for batch in loader]
+        features = torch.cat([backbone(images) for images in batches]).numpy()
     labels = np.array([sample.label for sample in samples])
     # Every image is scored once: steadier than one small test split.
     folds = StratifiedKFold(n_splits=4, shuffle=True, random_state=0)

@@ -67,7 +67,7 @@ def extract_features(
     )
     row = 0
     for batch in tqdm(loader, desc="backbone features", unit="batch"):
-        features = engine(batch["image"])  # (B, 3, H, W) -> (B, num_features)
+        features = engine(batch["image"])  # (B, H, W, 3) uint8 -> (B, num_features)
         out[row : row + len(features)] = features.cpu().numpy()
         row += len(features)
 

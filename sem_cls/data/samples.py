@@ -26,7 +26,8 @@ class Sample(NamedTuple):
 
 class SEMImageDataset(Dataset):
     """Reads an image, crops its recorded info-bar box, applies the backbone's transform:
-    {"image": (3, H, W), "label": int, "index": int}.
+    {"image": (H, W, 3) uint8 (the eval transform) or (3, H, W) float (augmented),
+    "label": int, "index": int}.
 
     JPEGs are decoded at the smallest power-of-two reduction that keeps `min_side` pixels, which
     is several times cheaper than decoding 1024x768 and resizing away most of it.
@@ -68,22 +69,25 @@ class FeatureDataset(Dataset):
 
 class EvalTransform:
     """timm's evaluation transform for a centre-cropped square input (resize the short side to
-    input/crop_pct, centre crop, scale to 0-1, normalise), pixel for pixel, in PIL alone: timm's
-    own imports torchvision, whose import costs a one-image prediction more than torch's."""
+    input/crop_pct, centre crop), in PIL alone: timm's own imports torchvision, whose import
+    costs a one-image prediction more than torch's. It hands over (H, W, 3) uint8 pixels, a
+    quarter of float32's bytes between processes; `normalised` scales a whole batch (the
+    OpenVINO engine does it inside its model)."""
 
     def __init__(self, data_config: dict):
         self.size = data_config["input_size"][-1]
         self.short_side = math.floor(self.size / data_config["crop_pct"])
         self.resample = getattr(Image.Resampling, data_config["interpolation"].upper())
-        self.mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
-        self.std = torch.tensor(data_config["std"]).view(3, 1, 1)
+        self.mean = tuple(data_config["mean"])
+        self.std = tuple(data_config["std"])
 
     def __repr__(self) -> str:
-        # Part of the feature cache's key: what the transform does, never where it sits.
+        # Part of the feature cache's key: what the transform does, never where it sits. The
+        # resize over the crop's box rounds a few pixels otherwise than resize-then-crop did.
         return (
             f"EvalTransform(size={self.size}, short_side={self.short_side}, "
-            f"resample={self.resample.name}, mean={self.mean.flatten().tolist()}, "
-            f"std={self.std.flatten().tolist()})"
+            f"resample={self.resample.name}, mean={list(self.mean)}, std={list(self.std)}, "
+            "resize=box, pixels=uint8)"
         )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -93,25 +97,48 @@ class EvalTransform:
             size = (self.short_side, int(self.short_side * height / width))
         else:
             size = (int(self.short_side * width / height), self.short_side)
-        image = image.resize(size, self.resample)
         left = int(round((size[0] - self.size) / 2.0))  # torchvision's CenterCrop
         top = int(round((size[1] - self.size) / 2.0))
-        image = image.crop((left, top, left + self.size, top + self.size))
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # (H, W, 3)
-        pixels = pixels.permute(2, 0, 1).float().div_(255)  # -> (3, H, W)
-        return (pixels - self.mean) / self.std
+        # Only the centre crop is resized (PIL's box, in source pixels): the same filter at the
+        # same scale, on half the output pixels of resizing the whole image and cropping.
+        sx, sy = width / size[0], height / size[1]
+        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        image = image.resize((self.size, self.size), self.resample, box=box)
+        return pixels(image)
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    """A PIL RGB image as an (H, W, 3) uint8 tensor."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+
+
+def normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, H, W, 3) uint8 pixels -> (B, 3, H, W) float32 model input, scaled to 0-1 and
+    normalised by the backbone's mean and std, channels_last in memory. Float images
+    (augmented ones, normalised already) are returned as they are."""
+    if images.is_floating_point():
+        return images
+    scale = 1 / (255 * torch.tensor(std, device=images.device))
+    shift = torch.tensor(mean, device=images.device) / torch.tensor(std, device=images.device)
+    # (B, H, W, 3) -> (B, 3, H, W): a view, whose memory is channels_last already.
+    return (images.float() * scale - shift).permute(0, 3, 1, 2)
 
 
 def eval_preprocessing(data_config: dict):
-    """The backbone's evaluation transform (resize + centre crop) and the side JPEGs are decoded
-    at for it; shared by the loaders and by prediction, so both see the same pixels."""
+    """The backbone's evaluation transform (resize + centre crop, to (H, W, 3) uint8 pixels) and
+    the side JPEGs are decoded at for it; shared by the loaders and by prediction, so both see
+    the same pixels."""
     square = data_config["input_size"][-1] == data_config["input_size"][-2]
     if square and data_config.get("crop_mode", "center") == "center":
         transform = EvalTransform(data_config)
-    else:  # other crop modes and non-square inputs: timm's own transform
+    else:  # other crop modes and non-square inputs: timm's own, pixels before it normalises
         import timm.data
+        from torchvision import transforms
 
-        transform = timm.data.create_transform(**data_config, is_training=False)
+        steps = timm.data.create_transform(**data_config, is_training=False).transforms
+        keep = [t for t in steps if not isinstance(t, transforms.Normalize | transforms.ToTensor)]
+        keep = [t for t in keep if type(t).__name__ != "MaybeToTensor"]
+        transform = transforms.Compose([*keep, pixels])
     # The transform resizes the short side to input/crop_pct; 10% more covers a typical info
     # bar (8% of the height), so the crop is still downsampled, not blown up.
     resized_side = data_config["input_size"][-1] / data_config["crop_pct"]

@@ -11,7 +11,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from sem_cls.data.samples import Sample, SEMImageDataset, eval_preprocessing  # noqa: E402
 
@@ -164,18 +163,16 @@ def pixel_size_plot(path: Path, issues: list[dict], class_names: list[str]) -> b
 
 def write_thumbnails(folder: Path, samples: dict[int, Sample], data_config: dict) -> None:
     """`<index>.png` of each sample as the model sees it: info bar cut, resized and centre
-    cropped by the backbone's own transform (its normalization undone for display)."""
-    from torchvision.transforms.functional import to_pil_image
+    cropped by the backbone's own transform."""
+    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     transform, decode_side = eval_preprocessing(data_config)
     indices = list(samples)
     dataset = SEMImageDataset([samples[i] for i in indices], transform, decode_side)
-    mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
-    std = torch.tensor(data_config["std"]).view(3, 1, 1)
     for position, index in enumerate(indices):
-        image = dataset[position]["image"] * std + mean  # (3, H, W), back to 0..1
-        to_pil_image(image.clamp(0, 1)).save(folder / f"{index}.png")
+        image = dataset[position]["image"]  # (H, W, 3) uint8
+        Image.fromarray(image.numpy()).save(folder / f"{index}.png")
 
 
 def write_page(path: Path, issues, classes, suspects: dict[str, list[int]], has_scale) -> Path:

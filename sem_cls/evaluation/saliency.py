@@ -13,12 +13,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from sem_cls.data.samples import normalised  # noqa: E402
+
 
 def grad_cam(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W) maps in [0, 1] of the evidence for each image's top class, and (B, C) class
     probabilities. Gradients of the top logit weigh the last feature map's channels (Selvaraju
     et al. 2017); with a linear head on average-pooled features this is exactly CAM."""
     model.eval()
+    config = model.data_config
+    images = normalised(images, config["mean"], config["std"])  # uint8 (B, H, W, 3) -> (B, 3, H, W)
     with torch.no_grad():
         feature_map = model.backbone.forward_features(images)  # (B, 3, H, W) -> (B, C, h, w)
     if isinstance(feature_map, tuple):  # InceptionV3 with its auxiliary classifier
@@ -34,11 +38,10 @@ def grad_cam(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cam, logits.detach().softmax(dim=1)
 
 
-def as_seen(model, image: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) normalized model input -> (H, W, 3) in [0, 1]: the image as the model saw it."""
-    mean = torch.tensor(model.data_config["mean"]).view(3, 1, 1)
-    std = torch.tensor(model.data_config["std"]).view(3, 1, 1)
-    return (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+def as_seen(image: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 pixels, as the eval transform hands them over -> (H, W, 3) in [0, 1]:
+    the image as the model saw it."""
+    return image.cpu().float() / 255
 
 
 def overlay(shown: torch.Tensor, cam: torch.Tensor, alpha: float = 0.35) -> np.ndarray:
@@ -63,9 +66,9 @@ def write_saliency(path: Path, model, datamodule, samples, count: int, title: st
     cut, resized and centre-cropped."""
     chosen = [samples[i] for i in spread_over_classes([s.label for s in samples], count)]
     dataset = datamodule.image_dataset(chosen)
-    images = torch.stack([dataset[i]["image"] for i in range(len(chosen))])
+    images = torch.stack([dataset[i]["image"] for i in range(len(chosen))])  # (B, H, W, 3)
     device = next(model.parameters()).device
-    cams, probs = grad_cam(model, images.to(device).contiguous(memory_format=torch.channels_last))
+    cams, probs = grad_cam(model, images.to(device))
 
     columns = min(4, len(chosen))
     rows = math.ceil(len(chosen) / columns)
@@ -76,7 +79,7 @@ def write_saliency(path: Path, model, datamodule, samples, count: int, title: st
         ax.axis("off")
     names = model.class_names
     for ax, sample, image, cam, prob in zip(axes.flat, chosen, images, cams, probs, strict=False):
-        ax.imshow(as_seen(model, image).numpy())
+        ax.imshow(as_seen(image).numpy())
         ax.imshow(cam.cpu().numpy(), cmap="jet", alpha=0.35, vmin=0, vmax=1)
         top = int(prob.argmax())
         ax.set_title(

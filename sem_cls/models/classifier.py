@@ -11,6 +11,7 @@ from lightning import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from sem_cls.data.samples import normalised
 from sem_cls.models import finetune
 from sem_cls.models.model import SEMModel
 
@@ -100,6 +101,13 @@ class SEMClassifier(LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # The eval transform's uint8 pixels are normalised as a batch, on the device.
+        if isinstance(batch, dict) and "image" in batch:
+            config = self.model.spec["data_config"]
+            batch["image"] = normalised(batch["image"], config["mean"], config["std"])
+        return batch
 
     def features(self, batch: dict):
         """(B, num_features) features of a batch, and InceptionV3's auxiliary features or None."""

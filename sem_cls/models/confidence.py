@@ -54,12 +54,14 @@ class FitConfidence(Callback):
         """(N, num_features) frozen-backbone features of a split, unaugmented, in split order:
         the cached ones, or the backbone's (cache off, or augmented training images)."""
         device = pl_module.device
-        return torch.cat(
-            [
-                pl_module.features(pl_module.transfer_batch_to_device(batch, device, 0))[0].float()
-                for batch in datamodule.unshuffled_loader(split)
-            ]
-        )
+        features = []
+        for batch in datamodule.unshuffled_loader(split):
+            # As the Trainer hands a batch over: moved, then images normalised.
+            batch = pl_module.on_after_batch_transfer(
+                pl_module.transfer_batch_to_device(batch, device, 0), 0
+            )
+            features.append(pl_module.features(batch)[0].float())
+        return torch.cat(features)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.outputs = []

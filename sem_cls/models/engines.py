@@ -1,4 +1,5 @@
-"""Feature engines: what runs a frozen backbone, (B, 3, H, W) images -> (B, num_features).
+"""Feature engines: what runs a frozen backbone, (B, H, W, 3) uint8 pixels as the eval transform
+hands them over -> (B, num_features), normalising the whole batch where the backbone runs.
 
 `torch` runs the timm module itself (bf16 autocast if asked), on whatever device it sits.
 `openvino` runs it converted once by OpenVINO into `<cache_dir>/<key>.xml/.bin` (with
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from sem_cls.data.features import FeatureCache, weights_digest
+from sem_cls.data.samples import normalised
 from sem_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -106,8 +108,9 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, backbone: nn.Module, bf16: bool):
+    def __init__(self, backbone: nn.Module, data_config: dict, bf16: bool):
         self.backbone = backbone
+        self.mean, self.std = tuple(data_config["mean"]), tuple(data_config["std"])
         self.bf16 = bool(bf16) and native_bf16(self.device)
         if bf16 and not self.bf16:
             log.info("No native bf16 on %s (AVX512-BF16/AMX): features in fp32.", self.device)
@@ -125,15 +128,18 @@ class TorchEngine:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         self.backbone.eval()
         device = self.device
-        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        # Moved as uint8 (a quarter of the bytes), normalised as one batch where it runs.
+        images = normalised(images.to(device), self.mean, self.std)
+        images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             features = self.backbone(images)  # (B, 3, H, W) -> (B, num_features)
         return features.float()
 
 
 class OpenVINOEngine:
-    """The backbone converted by OpenVINO (once per architecture, weights, input size and
-    precision; cached on disk) and compiled for this machine's CPU."""
+    """The backbone converted by OpenVINO (once per architecture, weights and input size; cached
+    on disk) and compiled for this machine's CPU, in bf16 or f32, with the normalisation in
+    front of it: it takes the eval transform's (B, H, W, 3) uint8 pixels."""
 
     name = "openvino"
     device = torch.device("cpu")
@@ -141,7 +147,7 @@ class OpenVINOEngine:
     def __init__(
         self,
         backbone: nn.Module | None,
-        input_size: tuple[int, int, int],
+        data_config: dict,
         bf16: bool,
         cache_dir: str | Path | None,
         weights: str,
@@ -163,7 +169,7 @@ class OpenVINOEngine:
             architecture = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
             num_features = backbone.num_features
         self.num_features = num_features
-        self.input_size = tuple(input_size)
+        self.input_size = tuple(data_config["input_size"])
         self.key = converted_model_key(architecture, weights, self.input_size)
         cache_dir = Path(cache_dir) if cache_dir else None
         xml = cached_model(cache_dir, self.key)
@@ -178,6 +184,7 @@ class OpenVINOEngine:
         # The cached .xml, .bin and .json, which an MLflow model carries along; none uncached.
         suffixes = (".xml", ".bin", ".json") if xml else ()
         self.files = [xml.with_suffix(suffix) for suffix in suffixes]
+        model = self._with_normalisation(ov, model, data_config)
         config = {
             # One stream, lowest latency per batch: measured faster than the throughput hint
             # for whole batches on a few cores.
@@ -195,6 +202,21 @@ class OpenVINOEngine:
                 f"({str(err)[:300]}). Set data.engine=torch."
             ) from err
         self.request = self.compiled.create_infer_request()
+
+    @staticmethod
+    def _with_normalisation(ov, model, data_config: dict):
+        """The model with uint8 (B, H, W, 3) input: to f32, minus mean, over std (both in 0-255
+        units), to (B, 3, H, W), compiled into the graph, where it runs on the batch in the
+        engine's threads instead of per image in the loader's workers."""
+        from openvino.preprocess import PrePostProcessor
+
+        ppp = PrePostProcessor(model)
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        ppp.input().preprocess().convert_element_type(ov.Type.f32).mean(
+            [255 * value for value in data_config["mean"]]
+        ).scale([255 * value for value in data_config["std"]]).convert_layout(ov.Layout("NCHW"))
+        return ppp.build()
 
     def _converted(self, ov, backbone: nn.Module, cache_dir: Path | None):
         """The backbone converted, and written to the cache with the record of its files."""
@@ -231,8 +253,12 @@ class OpenVINOEngine:
         return model
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = np.ascontiguousarray(images.detach().float().cpu().numpy())
-        # (B, 3, H, W) -> (B, num_features); copied out, the request reuses its buffer.
+        if images.dtype != torch.uint8:
+            raise TypeError(
+                f"The OpenVINO engine takes the eval transform's uint8 pixels, not {images.dtype}."
+            )
+        pixels = np.ascontiguousarray(images.detach().cpu().numpy())
+        # (B, H, W, 3) -> (B, num_features); copied out, the request reuses its buffer.
         features = self.request.infer({0: pixels}, share_inputs=True)[0]
         return torch.from_numpy(np.array(features, dtype=np.float32))
 
@@ -261,17 +287,17 @@ def import_openvino():
 def create_engine(
     kind: str,
     backbone: nn.Module,
-    input_size: tuple[int, int, int],
+    data_config: dict,
     bf16: bool,
     cache_dir: str | Path | None = None,
     weights: str | None = None,
     threads: int | None = None,
 ):
     """The engine `kind` (torch or openvino; resolve_engine turns auto into one) for a frozen
-    backbone. `weights` is the backbone's weights digest (sem_cls.data.features.weights_digest),
-    which keys the OpenVINO model cache."""
+    backbone and its `data_config` (input size, mean, std). `weights` is the backbone's weights
+    digest (sem_cls.data.features.weights_digest), which keys the OpenVINO model cache."""
     if kind == "torch":
-        return TorchEngine(backbone, bf16)
+        return TorchEngine(backbone, data_config, bf16)
     if kind != "openvino":  # the config schema admits ENGINES only; auto is resolved before
         raise ValueError(f"Unknown feature engine {kind!r}; one of {list(ENGINES)}.")
     device = next(backbone.parameters()).device
@@ -282,7 +308,7 @@ def create_engine(
         )
     if weights is None:
         weights = weights_digest(backbone)
-    return OpenVINOEngine(backbone, input_size, bf16, cache_dir, weights, threads)
+    return OpenVINOEngine(backbone, data_config, bf16, cache_dir, weights, threads)
 
 
 class FeatureExtractor:
@@ -295,12 +321,12 @@ class FeatureExtractor:
         self,
         kind: str,
         backbone: nn.Module,
-        input_size: tuple[int, int, int],
+        data_config: dict,
         bf16: bool,
         cache: FeatureCache,
         engine_dir: Path | None = None,
     ):
-        self.kind, self.backbone, self.input_size = kind, backbone, tuple(input_size)
+        self.kind, self.backbone, self.data_config = kind, backbone, dict(data_config)
         self.bf16, self.cache, self.engine_dir = bf16, cache, engine_dir
         self.engine, self.choice = None, None
 
@@ -313,11 +339,11 @@ class FeatureExtractor:
             log.info("Feature cache off: the backbone runs on every batch of every epoch.")
             return None
         cache = FeatureCache(Path(cache_dir) / "features")
-        input_size = model.data_config["input_size"]
         engine_dir = Path(data.get("engine_dir") or Path(cache_dir) / "engines")
         return cls(
-            data.get("engine", "auto"), model.backbone, input_size, data.bf16, cache, engine_dir
-        )
+            data.get("engine", "auto"), model.backbone, model.data_config, data.bf16, cache,
+            engine_dir,
+        )  # fmt: skip
 
     def get_engine(self, distributed: bool = False):
         """The engine, built on first use where the backbone now sits (torch on a GPU); the
@@ -330,7 +356,7 @@ class FeatureExtractor:
                 kind, why = "torch", f"data.engine={kind} runs on CPU only"
             weights = self.cache.weights(self.backbone)
             self.engine = create_engine(
-                kind, self.backbone, self.input_size, self.bf16, self.engine_dir, weights
+                kind, self.backbone, self.data_config, self.bf16, self.engine_dir, weights
             )
             self.choice = f"{kind} {self.engine.precision} ({why})"
             log.info("Feature engine: %s", self.choice)

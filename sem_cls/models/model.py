@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sem_cls.data.infobar import InfoBarCrop
+from sem_cls.data.samples import normalised
 from sem_cls.models import finetune, novelty
 
 
@@ -66,9 +67,12 @@ class SEMModel(nn.Module):
         return dict(self.spec["data_config"])
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, num_features) pooled backbone features."""
+        """(B, H, W, 3) uint8 pixels or normalised (B, 3, H, W) -> (B, num_features) pooled
+        backbone features."""
         if self.backbone is None:
             raise RuntimeError("This model was loaded without its backbone: use its engine.")
+        config = self.spec["data_config"]
+        images = normalised(images, config["mean"], config["std"])  # -> (B, 3, H, W)
         features = self.backbone(images.contiguous(memory_format=torch.channels_last))
         return features[0] if isinstance(features, tuple) else features
 
