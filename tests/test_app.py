@@ -94,7 +94,8 @@ def expected(trained_run, nanowires):
 
     # min_confidence=0.5, the page's default
     settings = PredictorSettings(min_confidence=0.5, num_workers=0)
-    (row,) = Predictor.load(best_checkpoint(trained_run[0]), settings).predict([nanowires])
+    checkpoint, engines = best_checkpoint(trained_run[0]), trained_run[0].paths.engine_dir
+    (row,) = Predictor.load(checkpoint, settings, cache_dir=engines).predict([nanowires])
     assert row["error"] == ""
     return row["predicted_class"], row["top_k"][0][0], row["predicted_class"] == "uncertain"
 

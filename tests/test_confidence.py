@@ -96,7 +96,9 @@ def test_predicted_probabilities_are_temperature_scaled(trained_run, tiny_sem_di
     from sem_cls.predictor import Predictor
 
     settings = PredictorSettings(num_workers=0, device="cpu")
-    predictor = Predictor.load(best_checkpoint(trained_run[0]), settings)
+    predictor = Predictor.load(
+        best_checkpoint(trained_run[0]), settings, cache_dir=trained_run[0].paths.engine_dir
+    )
     temperature = float(predictor.model.temperature)
     files = sorted(tiny_sem_dir.glob("*/*.jpg"))[:4]
     calibrated, _, _ = predictor.scores(files)

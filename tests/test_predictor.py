@@ -191,8 +191,9 @@ def test_a_downloaded_mlflow_model_folder_loads_as_its_checkpoint(
         )  # fmt: skip
     images = sorted(tiny_sem_dir.glob("*/*.jpg"))[:3]
     settings = PredictorSettings(num_workers=0)
-    from_folder = Predictor.load(folder, settings).predict(images)
-    from_file = Predictor.load(best_checkpoint(cfg), settings).predict(images)
+    converted = cfg.paths.engine_dir  # where training converted the backbone
+    from_folder = Predictor.load(folder, settings, cache_dir=converted).predict(images)
+    from_file = Predictor.load(best_checkpoint(cfg), settings, cache_dir=converted).predict(images)
     assert [r["predicted_class"] for r in from_folder] == [r["predicted_class"] for r in from_file]
     np.testing.assert_allclose(
         [r["confidence"] for r in from_folder], [r["confidence"] for r in from_file], atol=1e-6

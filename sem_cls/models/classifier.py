@@ -4,6 +4,8 @@ It builds no loader and reads nothing of the datamodule: batches say what they h
 evaluation steps return their predictions, which sem_cls.evaluation.callback gathers and scores.
 """
 
+import warnings
+
 import timm.data
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from sem_cls.data.samples import normalised
 from sem_cls.models import finetune
 from sem_cls.models.model import SEMModel
+
+# Lightning says so whenever a module with this hook meets a datamodule; it is by design here
+# (the module knows its backbone's normalisation, the datamodule does not).
+warnings.filterwarnings(
+    "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`"
+)
 
 # Weight of InceptionV3's auxiliary loss, as in its paper and torchvision's recipe.
 AUX_LOSS_WEIGHT = 0.4
