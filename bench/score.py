@@ -70,11 +70,16 @@ def actor_split(ckpt: Path, files: list[Path], batch_size: int = 32) -> dict:
         data_config=predictor.model.data_config,
         info_bar=predictor.settings.info_bar,
         max_pixels=predictor.settings.max_pixels,
+        stores=[],  # local files only
     )
     decode = infer = 0.0
     for start in range(0, len(files), batch_size):
         paths = [str(p) for p in files[start : start + batch_size]]
-        batch = {"path": np.array(paths), "error": np.array([""] * len(paths), dtype=object)}
+        batch = {
+            "path": np.array(paths),
+            "store": np.full(len(paths), -1),  # -1: a local file, not an object store's
+            "error": np.array([""] * len(paths), dtype=object),
+        }
         began = time.process_time()
         batch = prepare_images(batch, **prepare)
         middle = time.process_time()
