@@ -54,8 +54,9 @@ def timed(command: list[str], env: dict | None = None) -> float:
 
 
 def actor_split(ckpt: Path, files: list[Path], batch_size: int = 32) -> dict:
-    """One actor's work in this process, on one thread as a 1-CPU Ray actor runs: CPU seconds
-    per image of reading and preparing (prepare_images) against classifying (score_images)."""
+    """One actor's work in this process, as a Ray actor does it: CPU seconds per image (of all
+    its threads) of reading and preparing (prepare_images) against classifying
+    (score_images)."""
     import numpy as np
     import torch
 
@@ -63,7 +64,8 @@ def actor_split(ckpt: Path, files: list[Path], batch_size: int = 32) -> dict:
     from sem_cls.predictor import Predictor
 
     torch.set_num_threads(1)
-    predictor = Predictor.load(str(ckpt), PredictorSettings(device="cpu"))
+    engines = os.environ.get("SEM_CLS_ENGINE_DIR", ROOT / "cache" / "engines")  # the commands'
+    predictor = Predictor.load(str(ckpt), PredictorSettings(device="cpu"), cache_dir=engines)
     from sem_cls.scoring import prepare_images
 
     prepare = dict(

@@ -24,9 +24,10 @@ from sem_cls.config.predictor import (  # noqa: F401 -- the decision, for every 
     check_top_k,
     prediction_rows,
 )
+from sem_cls.data.images import open_image, scale_box
 from sem_cls.data.infobar import InfoBarCrop
-from sem_cls.data.ingest import check_image
-from sem_cls.data.samples import Sample, SEMImageDataset, eval_preprocessing
+from sem_cls.data.ingest import bar_top_of, read_error, unusable
+from sem_cls.data.samples import eval_preprocessing
 from sem_cls.data.scale import read_scale
 from sem_cls.data.workers import worker_init_fn
 from sem_cls.errors import UserError
@@ -49,8 +50,9 @@ LOAD_SETTINGS = ("engine", "bf16", "device")
 
 class ImagesToClassify(Dataset):
     """(image tensor, "") per file, or (zeros, why it is unusable): a bad file gets a row in the
-    output and the others go on. The check and the crop are ingest's and training's own. An item
-    is a file's path, or an image file's bytes (an object read from a store)."""
+    output and the others go on. The checks, the bar and the crop are ingest's and training's
+    own, from one decode. An item is a file's path, or an image file's bytes (an object read
+    from a store)."""
 
     def __init__(self, files: list[Path | bytes], data_config: dict, info_bar, max_pixels: int):
         self.files = files
@@ -64,20 +66,23 @@ class ImagesToClassify(Dataset):
 
     def __getitem__(self, index: int):
         item = self.files[index]
-        data = bytes(item) if isinstance(item, bytes | bytearray) else None
-        path = Path(f"#{index}") if data is not None else item
-        record = check_image(path, self.max_pixels, data)
-        if record["error"]:
-            return self.blank(), record["error"]
-        size = (record["width"], record["height"])
-        box = self.crop.box(*size, record["bar_top"])
-        source = path if data is None else io.BytesIO(data)  # open_image takes either
-        sample = Sample(source, -1, box, size, record["sha256"])
-        one = SEMImageDataset([sample], self.transform, self.decode_side, self.max_pixels)
+        in_memory = isinstance(item, bytes | bytearray)
+        path = Path(f"#{index}") if in_memory else Path(item)
         try:
-            return one[0]["image"], ""
-        except Exception as err:  # changed since the check, or fails only at this decode size
-            return self.blank(), f"{type(err).__name__}: {err}"
+            data = bytes(item) if in_memory else path.read_bytes()
+        except OSError as err:
+            return self.blank(), read_error(path, err)
+        try:
+            if not data:
+                raise ValueError("empty file (0 bytes)")
+            image, size = open_image(io.BytesIO(data), "RGB", self.decode_side, self.max_pixels)
+            bar_top = bar_top_of(image, data, size[1]) if self.crop.mode == "auto" else size[1]
+            box = scale_box(self.crop.box(*size, bar_top), size, image.size)
+            if box != (0, 0, *image.size):
+                image = image.crop(box)
+            return self.transform(image), ""
+        except Exception as err:  # any failure to read makes the file unusable, and is reported
+            return self.blank(), unusable(path, err)
 
     def blank(self) -> torch.Tensor:
         """The stand-in for an unusable file: black (H, W, 3) uint8 pixels, as the transform
@@ -96,9 +101,11 @@ class Predictor:
         recorded: dict | None = None,
         cache_dir: str | Path | None = None,
         weights: str | None = None,
+        converted: dict[str, bytes] | None = None,
     ):
         """`weights`: the backbone's weights digest, needed where the model was loaded without
-        its backbone (Predictor.load, for a converted model in `cache_dir`)."""
+        its backbone (Predictor.load, for a converted model in `cache_dir`, or in `converted`
+        where this machine has none: another process's OpenVINOEngine.converted_files())."""
         recorded = recorded or {}
         check_top_k(settings, len(model.class_names))
         # Unset preprocessing follows what an MLflow model recorded of its training; a .ckpt
@@ -130,13 +137,13 @@ class Predictor:
                 self.engine = OpenVINOEngine(
                     None, model.data_config, self.settings.bf16, cache_dir,
                     weights, architecture=model.spec["backbone"].split(".")[0],
-                    num_features=model.spec["num_features"],
+                    num_features=model.spec["num_features"], converted=converted,
                 )  # fmt: skip
             elif kind == "torch":
                 self.engine = TorchEngine(model.backbone, model.data_config, self.settings.bf16)
             else:
                 self.engine = create_engine(
-                    kind, model.backbone, model.data_config, self.settings.bf16, cache_dir,
+                    kind, model.backbone, model.data_config, self.settings.bf16, cache_dir, weights,
                 )  # fmt: skip
             log.info("Engine: %s %s (%s)", self.engine.name, self.engine.precision, why)
         if self.settings.novelty and not model.has_novelty:

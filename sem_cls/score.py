@@ -8,6 +8,8 @@ modification time). Settings are checked before Ray or torch is imported.
 import logging
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 from sem_cls.config.predictor import UNCERTAIN, UNKNOWN, PredictorSettings
@@ -50,12 +52,9 @@ def summary(decisions: Counter, errors: int, total_rows: int, skipped: int) -> s
 def log_job(cfg, params: dict, metrics: dict, class_counts: Counter, started: float) -> str:
     """The job as an MLflow run: what was scored with what, counts, images/s, per-class table
     and bar chart. Returns its run id."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sem_cls.tracking import ensure_experiment, store_lock, tracking_client
+    from sem_cls.tracking.store import ensure_experiment, store_lock, tracking_client
 
     with store_lock(cfg.tracking_uri):
         client = tracking_client(cfg.tracking_uri)
@@ -69,16 +68,69 @@ def log_job(cfg, params: dict, metrics: dict, class_counts: Counter, started: fl
     names = sorted(class_counts, key=lambda name: -class_counts[name])
     table = {"class": names, "images": [class_counts[name] for name in names]}
     client.log_table(run_id, table, "class_counts.json")
-    figure, axes = plt.subplots(figsize=(8, 4))
+    figure = Figure(figsize=(8, 4))  # no pyplot: nothing global to set up or close
+    axes = figure.subplots()
     axes.bar(names, table["images"])
     axes.set_ylabel("images")
     axes.set_title("Images per class")
     axes.tick_params(axis="x", labelrotation=45)
     figure.tight_layout()
     client.log_figure(run_id, figure, "class_counts.png")
-    plt.close(figure)
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def import_recording() -> None:
+    """What log_job imports (MLflow, matplotlib: a second or more), imported while Ray starts
+    instead of after the scoring."""
+    import matplotlib.figure  # noqa: F401
+
+    import sem_cls.tracking.store  # noqa: F401
+
+
+def load_predictor(cfg, settings: PredictorSettings):
+    """The model, loaded once here: one that is not there stops the run before anything is
+    written, and the actors get it through Ray's object store, so no node needs the tracking
+    store. The driver converts the backbone once into engine_dir; the actors get that
+    conversion with the model (GPU actors run the backbone itself)."""
+    from sem_cls.predictor import Predictor
+
+    return Predictor.load(
+        str(cfg.ckpt_path),
+        settings,
+        tracking_uri=cfg.get("tracking_uri"),
+        cache_dir=cfg.paths.engine_dir,
+        with_backbone=bool(cfg.ray.gpus_per_actor),
+    )
+
+
+def score_files(ray, cfg, predictor, files, stores, output):
+    """Score the files not yet in `output`, holding its lock: (what was scored, files scored
+    before, rows in the output)."""
+    from sem_cls.scoring import Scored, run_scoring
+
+    lock = output.open({"written_by": "python score.py", "format": 1})
+    try:
+        done = output.scored()  # again, now that no other run writes here
+        todo = [f for f in files if f.key not in done]
+        skipped = len(files) - len(todo)
+        log.info("%d files; %d already scored in %s", len(files), skipped, output.folder)
+        scored = Scored()
+        if todo:
+            scored = run_scoring(
+                ray,
+                todo,
+                stores,
+                output,
+                predictor,
+                str(cfg.ckpt_path),
+                cfg.ray,
+                cfg.shard_rows,
+                engine_dir=str(cfg.paths.engine_dir),
+            )
+        return scored, skipped, len(output.scored())
+    finally:
+        lock.release()
 
 
 def score(cfg) -> Path:
@@ -89,71 +141,55 @@ def score(cfg) -> Path:
         raise UserError(f"shard_rows={cfg.shard_rows} must be a whole number of 1 or more.")
     started = time.time()
     from sem_cls.archive_inputs import list_inputs, redacted_inputs
-    from sem_cls.scoring import ScoreOutput, check_address, run_scoring
+    from sem_cls.models.loading import check_exists
+    from sem_cls.scoring import ScoreOutput, check_address, ray_session
 
     output = ScoreOutput(Path(cfg.output))
     output.check()  # each refusal before the work, so it costs nothing
     if cfg.ray.address is not None:
         check_address(str(cfg.ray.address))
     files, left_out, stores = list_inputs(cfg.inputs)  # a store that does not answer stops it
-    from sem_cls.predictor import Predictor
-
-    # Loaded here once: a missing model stops the run before any Ray starts; the actors get
-    # this model through Ray's object store, so no node needs the tracking store.
-    # The driver converts the backbone once into engine_dir; actors on this machine (or on a
-    # shared engine_dir) load that conversion instead of converting again.
-    predictor = Predictor.load(
-        str(cfg.ckpt_path),
-        settings,
-        tracking_uri=cfg.get("tracking_uri"),
-        cache_dir=cfg.paths.engine_dir,
-        with_backbone=True,  # a node without that conversion converts its own
-    )
-    lock = output.open({"written_by": "python score.py", "format": 1})
-    try:
-        done = output.scored()
-        todo = [f for f in files if f.key not in done]
-        skipped = len(files) - len(todo)
-        log.info("%d files; %d already scored in %s", len(files), skipped, output.folder)
-        decisions, errors, rate, facts = Counter(), 0, 0.0, {"actors": 0, "nodes": {}}
-        if todo:
-            decisions, errors, rate, facts = run_scoring(
-                todo,
-                stores,
-                output,
-                predictor,
-                str(cfg.ckpt_path),
-                cfg.ray,
-                cfg.shard_rows,
-                engine_dir=str(cfg.paths.engine_dir),
+    check_exists(cfg.ckpt_path)
+    # No Ray at all when every file was scored before (what is scored only grows).
+    done = output.scored()
+    starts_ray = any(f.key not in done for f in files)
+    # The model loads, and MLflow is imported, in a thread while Ray starts, each taking
+    # seconds; Ray's processes are tied to the thread that starts them, so that is this one.
+    with ThreadPoolExecutor(1, thread_name_prefix="score") as background:
+        loading = background.submit(load_predictor, cfg, settings)
+        background.submit(import_recording)
+        address, cpus = cfg.ray.address, cfg.ray.get("num_cpus")
+        with ray_session(address, cpus) if starts_ray else nullcontext() as ray:
+            predictor = loading.result()
+            scored, skipped, total_rows = score_files(ray, cfg, predictor, files, stores, output)
+            decisions, errors = scored.decisions, scored.errors
+            print(f"{summary(decisions, errors, total_rows, skipped)}\nScores: {output.folder}")
+            for path in left_out[:20]:
+                log.warning("Left out (not an image file by its suffix): %s", path)
+            # Recorded while Ray shuts down.
+            recording = background.submit(
+                log_job,
+                cfg,
+                params={
+                    "ckpt_path": cfg.ckpt_path,
+                    "inputs": redacted_inputs(cfg.inputs),  # never a store's credential
+                    "output": output.folder,
+                    "engine": predictor.engine_name,
+                    "ray.address": cfg.ray.address,
+                    "actors": scored.actors,
+                    "batch_size": settings.batch_size,
+                },
+                metrics={
+                    "images": sum(decisions.values()) + errors,
+                    "errors": errors,
+                    "already_scored": skipped,
+                    "left_out": len(left_out),
+                    "images_per_s": scored.images_per_s,
+                    "nodes": len(scored.nodes),
+                },
+                class_counts=decisions,
+                started=started,
             )
-        total_rows = len(output.scored())
-    finally:
-        lock.release()
-    print(f"{summary(decisions, errors, total_rows, skipped)}\nScores: {output.folder}")
-    for path in left_out[:20]:
-        log.warning("Left out (not an image file by its suffix): %s", path)
-    run_id = log_job(
-        cfg,
-        params={
-            "ckpt_path": cfg.ckpt_path,
-            "inputs": redacted_inputs(cfg.inputs),  # never a credential of a store's URI
-            "output": output.folder,
-            "engine": predictor.engine_name,
-            "ray.address": cfg.ray.address,
-            "actors": facts["actors"],
-            "batch_size": settings.batch_size,
-        },
-        metrics={
-            "images": sum(decisions.values()) + errors,
-            "errors": errors,
-            "already_scored": skipped,
-            "left_out": len(left_out),
-            "images_per_s": rate,
-            "nodes": len(facts["nodes"]),
-        },
-        class_counts=decisions,
-        started=started,
-    )
+        run_id = recording.result()
     print(f"MLflow run {run_id} in experiment '{cfg.experiment_name}'")
     return output.folder

@@ -83,3 +83,42 @@ def test_draft_decoded_jpegs_give_the_features_of_a_full_decode(real_sem_dir):
     similarity = cosine_similarity(*features)
     print(f"cosine draft vs full decode: min {similarity.min():.4f}, mean {similarity.mean():.4f}")
     assert similarity.min() >= 0.99
+
+
+def test_prediction_crops_each_image_as_ingest_and_training_do(
+    sem_bars_dir, real_sem_dir, tmp_path
+):
+    """Prediction decodes each file once and finds its bar on that decode: the pixels it hands
+    the model equal those of ingest's check plus training's loader, which decode twice."""
+    from sem_cls.data.infobar import InfoBarCrop
+    from sem_cls.data.ingest import check_image
+    from sem_cls.data.synthetic import generate_dataset
+    from sem_cls.predictor import ImagesToClassify
+
+    generate_dataset(tmp_path / "generated", images_per_class=2, seed=3, size=(1024, 768))
+    rotated = tmp_path / "rotated.jpg"  # a camera's EXIF turn: the bar is found upright
+    with Image.open(sorted((tmp_path / "generated").rglob("*.jpg"))[0]) as image:
+        exif = image.getexif()
+        exif[0x0112] = 6
+        image.transpose(Image.Transpose.ROTATE_90).save(rotated, exif=exif)
+    files = [rotated] + [
+        path
+        for folder in (sem_bars_dir, real_sem_dir, tmp_path / "generated")
+        for path in sorted(folder.rglob("*"))
+        if path.suffix.lower() in (".jpg", ".png", ".tif", ".tiff")
+    ]
+    data_config = build_model([str(i) for i in range(10)], **LITE0)[0].data_config
+    transform, decode_side = eval_preprocessing(data_config)
+    predicted = ImagesToClassify(files, data_config, "auto", 50_000_000)
+    crop, cropped = InfoBarCrop("auto"), 0
+    for index, path in enumerate(files):
+        record = check_image(path)
+        assert not record["error"], (path, record["error"])
+        size = (record["width"], record["height"])
+        cropped += record["bar_top"] < record["height"]
+        sample = Sample(path, 0, crop.box(*size, record["bar_top"]), size, record["sha256"])
+        trained = SEMImageDataset([sample], transform, decode_side)[0]["image"]
+        image, error = predicted[index]
+        assert error == ""
+        assert torch.equal(image, trained), path
+    assert cropped >= 10, "images with an info bar among them"

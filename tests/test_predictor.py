@@ -202,3 +202,27 @@ def test_a_downloaded_mlflow_model_folder_loads_as_its_checkpoint(
         (tmp_path / "other" / "data").mkdir(parents=True)
         (tmp_path / "other" / "MLmodel").write_text("flavors: {}\n")
         Predictor.load(tmp_path / "other", settings)
+
+
+def test_a_predictor_without_the_conversion_runs_the_one_it_is_handed(
+    trained_run, tiny_sem_dir, shared_engine_dir, tmp_path
+):
+    """A Ray actor on a node whose engine folder lacks the converted backbone runs the driver's
+    conversion from memory: the same probabilities, no backbone built, nothing written there."""
+    from sem_cls.predictor import Predictor
+
+    ckpt, settings = str(best_checkpoint(trained_run[0])), PredictorSettings(device="cpu")
+    Predictor.load(ckpt, settings, cache_dir=shared_engine_dir)  # converted here, if not yet
+    driver = Predictor.load(ckpt, settings, cache_dir=shared_engine_dir)
+    assert driver.engine_name == "openvino" and driver.model.backbone is None
+    elsewhere = tmp_path / "engines"
+    converted = driver.engine.converted_files()
+    actor = Predictor(
+        driver.model, driver.settings, {}, elsewhere, driver.engine.weights, converted
+    )
+    images = sorted(tiny_sem_dir.rglob("*.jpg"))[:6]
+    expected, got = driver.scores(images)[0], actor.scores(images)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert not elsewhere.exists()
+    with pytest.raises(ValueError, match="No cached OpenVINO model"):
+        Predictor(driver.model, driver.settings, {}, elsewhere, driver.engine.weights)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import imagehash
 import numpy as np
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from sem_cls.data.conflicts import LABEL_CONFLICTS, resolve_label_conflicts
@@ -120,26 +120,50 @@ def check_image(
     try:
         data = path.read_bytes() if data is None else data
     except OSError as err:  # the disk, permissions, a link: the file may be fine next time
-        reason = err.strerror or type(err).__name__
-        if path.is_dir() or err.errno == errno.ELOOP:  # only a walk's loop yields a folder here
-            reason = "symlink loop"
-        return {**record, "error": f"could not be read: {reason}", RETRY: True}
+        return {**record, "error": read_error(path, err), RETRY: True}
     try:
         if not data:
             raise ValueError("empty file (0 bytes)")
         record["sha256"] = hashlib.sha256(data).hexdigest()
         gray, (width, height) = open_image(io.BytesIO(data), "L", ANALYSIS_SIDE, max_pixels)
-        rows = np.asarray(gray)
-        bar_top = detect_bar_top(rows)
+        bar_top = detect_bar_top(np.asarray(gray))
         # The bar's text differs between otherwise identical images: hash the specimen only.
         record["phash"] = str(imagehash.phash(gray.crop((0, 0, gray.width, bar_top))))
         record.update(width=width, height=height, bar_top=round(bar_top * height / gray.height))
         record["pages"] = page_count(io.BytesIO(data))
-    except UnidentifiedImageError:
-        record["error"] = "not an image file: no image format recognised in its bytes"
     except Exception as err:  # any failure to read makes the file unusable, and is reported
-        record["error"] = f"{type(err).__name__}: {err}".replace(f"{path}", path.name)
+        record["error"] = unusable(path, err)
     return record
+
+
+def read_error(path: Path, err: OSError) -> str:
+    """Why a file could not be read (an OS error), as ingest reports it."""
+    reason = err.strerror or type(err).__name__
+    if path.is_dir() or err.errno == errno.ELOOP:  # only a walk's loop yields a folder here
+        reason = "symlink loop"
+    return f"could not be read: {reason}"
+
+
+def unusable(path: Path, err: Exception) -> str:
+    """Why an image file's bytes cannot be used, as ingest reports it."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file: no image format recognised in its bytes"
+    return f"{type(err).__name__}: {err}".replace(f"{path}", path.name)
+
+
+def bar_top_of(image: Image.Image, data: bytes, height: int) -> int:
+    """The info bar's top row in the original's `height` rows, as check_image records it,
+    found on `image` (an 8-bit decode of `data`, the file's bytes, at any JPEG reduction)
+    brought to check_image's grayscale analysis size: for a caller that decodes once."""
+    with Image.open(io.BytesIO(data)) as probe:
+        probe.draft("L", (ANALYSIS_SIDE, ANALYSIS_SIDE))  # no change but for JPEGs
+        analysis_side = max(probe.size)  # the long side: an EXIF rotation does not change it
+    gray = image.convert("L")
+    # A power of two (both are JPEG reductions of one file); reduce() rounds up as JPEG does.
+    factor = round(max(gray.size) / analysis_side)
+    if factor > 1:
+        gray = gray.reduce(factor)
+    return round(detect_bar_top(np.asarray(gray)) * height / gray.height)
 
 
 def _check(job: tuple[Path, int]) -> dict:

@@ -154,9 +154,11 @@ class OpenVINOEngine:
         threads: int | None = None,
         architecture: str | None = None,
         num_features: int | None = None,
+        converted: dict[str, bytes] | None = None,
     ):
-        """`backbone` None: the converted model must be in `cache_dir` (cached_model), and
-        `architecture` and `num_features` say what it is."""
+        """`backbone` None: the converted model is in `cache_dir` (cached_model) or, where it is
+        not, in `converted` (another process's `converted_files()`); `architecture` and
+        `num_features` say what it is."""
         ov = import_openvino()
         core = openvino_core()
         # bf16 only where the CPU computes it natively; elsewhere OpenVINO would emulate it.
@@ -165,6 +167,7 @@ class OpenVINOEngine:
             log.info("This CPU has no native bf16 (AVX512-BF16/AMX): OpenVINO runs in f32.")
         self.precision = "bf16" if bf16 and native_bf16 else "fp32"
         self.backbone = backbone  # what the converted model was made from; None when cached
+        self.weights = weights
         if backbone is not None:
             architecture = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
             num_features = backbone.num_features
@@ -176,6 +179,10 @@ class OpenVINOEngine:
         if xml:
             log.info("OpenVINO model from cache: %s", xml)
             model = core.read_model(xml)
+        elif backbone is None and converted:
+            model = core.read_model(
+                converted[".xml"].decode(), ov.Tensor(np.frombuffer(converted[".bin"], np.uint8))
+            )
         elif backbone is None:
             raise ValueError(f"No cached OpenVINO model {self.key} in {cache_dir} to run.")
         else:
@@ -202,6 +209,13 @@ class OpenVINOEngine:
                 f"({str(err)[:300]}). Set data.engine=torch."
             ) from err
         self.request = self.compiled.create_infer_request()
+
+    def converted_files(self) -> dict[str, bytes] | None:
+        """The converted model's .xml and .bin as bytes, for a process on another machine
+        (None when it was not cached)."""
+        if not self.files:
+            return None
+        return {path.suffix: path.read_bytes() for path in self.files[:2]}
 
     @staticmethod
     def _with_normalisation(ov, model, data_config: dict):

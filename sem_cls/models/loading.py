@@ -34,6 +34,15 @@ def is_model_uri(reference) -> bool:
     return str(reference).startswith(MODEL_URI_SCHEMES)
 
 
+def check_exists(reference, option: str = "ckpt_path") -> None:
+    """A reference that names a local file or folder names one that exists (a model URI is
+    checked by loading it)."""
+    if not is_model_uri(reference) and not Path(reference).exists():
+        raise UserError(
+            f"{option}={reference} does not exist. Point it at a .ckpt file from training."
+        )
+
+
 def read_checkpoint(path: Path, option: str = "ckpt_path") -> dict:
     """The raw checkpoint of a training run; tensors and plain data only, never code."""
     path = Path(path)
@@ -43,8 +52,7 @@ def read_checkpoint(path: Path, option: str = "ckpt_path") -> dict:
             f"{option}={path} is a folder. Point it at a .ckpt file from training"
             + (f", e.g. {', '.join(found)}." if found else " (none in this folder).")
         )
-    if not path.is_file():
-        raise UserError(f"{option}={path} does not exist. Point it at a .ckpt file from training.")
+    check_exists(path, option)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if "sem_model" not in checkpoint:
