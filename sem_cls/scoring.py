@@ -311,18 +311,24 @@ def pool_size(resources: dict, ray_cfg) -> int:
 
 
 class Progress:
-    """A line every few seconds: images done, images/s, time left."""
+    """A line every few seconds: images done, images/s, time left. The rate counts from the
+    first batch back, so Ray's and the actors' start (seconds, once) do not hide the rate that
+    scales with the job; the start is said once."""
 
     def __init__(self, total: int, every_s: float = 10.0):
         self.total, self.done, self.every_s = total, 0, every_s
         self.start = self.last = time.monotonic()
+        self.first = None  # (time, images) when the first batch came back
 
     def update(self, count: int) -> None:
-        self.done += count
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, count)
+            log.info("First images back %.1f s after the job started", now - self.start)
+        self.done += count
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
+            rate = self._rate(now)
             left = _duration((self.total - self.done) / rate if rate else float("inf"))
             log.info(
                 "Scored %d/%d images, %.1f images/s, %s left", self.done, self.total, rate, left
@@ -330,7 +336,12 @@ class Progress:
 
     @property
     def rate(self) -> float:
-        return self.done / max(time.monotonic() - self.start, 1e-9)
+        return self._rate(time.monotonic())
+
+    def _rate(self, now: float) -> float:
+        if self.first is None or self.done == self.first[1]:  # one batch back: the whole time
+            return self.done / max(now - self.start, 1e-9)
+        return (self.done - self.first[1]) / max(now - self.first[0], 1e-9)
 
 
 def _duration(seconds: float) -> str:

@@ -485,3 +485,20 @@ def test_two_node_cluster_with_token_authentication(scored, tmp_path, ray_tmpdir
         assert row["predicted_class"] == expected.loc[row["path"], "predicted_class"]
         if not row["error"]:
             assert abs(row["confidence"] - expected.loc[row["path"], "confidence"]) < 1e-4
+
+
+def test_progress_rate_counts_from_the_first_batch_back(monkeypatch, caplog):
+    """The images/s a user sizes a cluster by is the rate once the actors run: Ray's and the
+    actors' start, paid once, is said apart and not averaged in."""
+    from sem_cls import scoring
+
+    clock = iter([0.0, 10.0, 11.0, 12.0, 12.0])  # the start, three batches back, the rate read
+    monkeypatch.setattr(scoring.time, "monotonic", lambda: next(clock))
+    caplog.set_level("INFO", logger="sem_cls.scoring")
+    progress = scoring.Progress(total=96, every_s=0.5)
+    for _ in range(3):
+        progress.update(32)
+    assert progress.rate == pytest.approx(64 / 2)  # not 96 images in 12 s
+    shown = caplog.text
+    assert "First images back 10.0 s after the job started" in shown
+    assert "Scored 96/96 images, 32.0 images/s, 0:00:00 left" in shown
