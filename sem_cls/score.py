@@ -142,7 +142,8 @@ def score(cfg) -> Path:
     started = time.time()
     from sem_cls.archive_inputs import list_inputs, redacted_inputs
     from sem_cls.models.loading import check_exists
-    from sem_cls.scoring import ScoreOutput, check_address, ray_session
+    from sem_cls.score_output import ScoreOutput
+    from sem_cls.scoring import check_address, ray_session
 
     output = ScoreOutput(Path(cfg.output))
     output.check()  # each refusal before the work, so it costs nothing
