@@ -27,6 +27,8 @@ from sem_cls.score_output import ScoreOutput, shard_schema
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5
+# How long the actor pool may take to start (each imports torch and loads the model).
+ACTORS_START_TIMEOUT_S = 600
 BATCHES_PER_BLOCK = 4
 
 
@@ -156,7 +158,11 @@ def start_ray(address: str | None, cpus: int | None):
             ray.init(address=str(address), runtime_env=runtime_env, **options)
         except (ConnectionError, RuntimeError) as err:
             raise UserError(f"ray.address={address}: {str(err).splitlines()[0]}") from None
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Work starts once the whole pool is up: otherwise the first actor ready takes the first
+    # blocks, and a small job (or one on a loaded node) runs on one actor, one node.
+    context.wait_for_min_actors_s = ACTORS_START_TIMEOUT_S
     return ray
 
 
