@@ -16,6 +16,8 @@ MARKER = ".sem_cls_score.json"
 SHARD_GLOB = "part-*.parquet"
 # Tells the last shard apart when the driver was killed while writing it: never read.
 PARTIAL_SUFFIX = ".partial"
+# What identifies a file already scored.
+KEY_COLUMNS = ("path", "size", "mtime_ns")
 
 
 class ScoreOutput:
@@ -25,6 +27,9 @@ class ScoreOutput:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.marker = self.folder / MARKER
+        # Each shard's (path, size, mtime_ns): a shard never changes once written, so each is
+        # read once however often a run asks what is scored.
+        self._keys: dict[Path, list[tuple]] = {}
 
     def check(self) -> None:
         """The folder is new, empty or an earlier score output; nothing is written."""
@@ -69,9 +74,9 @@ class ScoreOutput:
 
         keys = set()
         for shard in self.shards():
-            table = pq.read_table(shard, columns=["path", "size", "mtime_ns"])
-            columns = (table[name].to_pylist() for name in table.column_names)
-            keys.update(zip(*columns, strict=True))
+            if shard not in self._keys:
+                self._keys[shard] = _keys(pq.read_table(shard, columns=list(KEY_COLUMNS)))
+            keys.update(self._keys[shard])
         return keys
 
     def write_shard(self, table, name: str) -> Path:
@@ -79,6 +84,8 @@ class ScoreOutput:
         import pyarrow.parquet as pq
 
         path = self.folder / name
+        if path.exists():  # names are the run's own (time and a random part): never replaced
+            raise FileExistsError(f"{path} exists already; it is left as it is.")
         descriptor, partial = tempfile.mkstemp(
             dir=self.folder, prefix=f".{name}.", suffix=PARTIAL_SUFFIX
         )
@@ -89,6 +96,7 @@ class ScoreOutput:
         except BaseException:
             Path(partial).unlink(missing_ok=True)
             raise
+        self._keys[path] = _keys(table)
         return path
 
     def read(self):
@@ -119,3 +127,8 @@ def shard_schema(top_k: int):
     fields += [("error", pa.string()), ("model", pa.string()), ("engine", pa.string())]
     fields += [("node", pa.string())]
     return pa.schema(fields)
+
+
+def _keys(table) -> list[tuple]:
+    """(path, size, mtime_ns) of each row of a shard's table."""
+    return list(zip(*(table[name].to_pylist() for name in KEY_COLUMNS), strict=True))

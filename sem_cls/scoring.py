@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import Counter
@@ -313,7 +314,8 @@ def run_scoring(
         # networks work too.
     )
     schema = shard_schema(settings.top_k)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    # The run's own shard names: in a PID namespace every driver is process 1.
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{secrets.token_hex(4)}"
     progress = Progress(len(files))
     decisions, errors, pending, count, shards = Counter(), 0, [], 0, 0
     nodes = Counter()

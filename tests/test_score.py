@@ -502,3 +502,14 @@ def test_progress_rate_counts_from_the_first_batch_back(monkeypatch, caplog):
     shown = caplog.text
     assert "First images back 10.0 s after the job started" in shown
     assert "Scored 96/96 images, 32.0 images/s, 0:00:00 left" in shown
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_after_ray_started(scored, tmp_path, ray_tmpdir):
+    """The model loads while Ray starts: a file that is no checkpoint still stops the run with
+    exit code 2 naming it, Ray shut down, and no output folder made."""
+    not_a_model = tmp_path / "model.ckpt"
+    not_a_model.write_text("not a checkpoint")
+    output = tmp_path / "scores"
+    result = run_score(tmp_path, ray_tmpdir, not_a_model, scored["archive"], output, timeout=120)
+    assert_user_error(result, f"ckpt_path={not_a_model}", "is not a sem-cls checkpoint")
+    assert not output.exists()
