@@ -47,9 +47,8 @@ def finish(process: subprocess.Popen) -> None:
 
 @pytest.mark.slow  # three train.py processes
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_sem_dir, tmp_path):
-    finish(start_training(tiny_sem_dir, tmp_path / "whole"))
-    whole_run, whole = metric_histories(tmp_path / "whole" / "mlruns")
-
+    # The uninterrupted run beside the one to be killed: they share nothing but the data.
+    uninterrupted = start_training(tiny_sem_dir, tmp_path / "whole")
     killed = tmp_path / "killed"
     process = start_training(tiny_sem_dir, killed)
     last = killed / "run" / "checkpoints" / "last.ckpt"
@@ -64,8 +63,11 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_sem_dir
     process.wait()
     epochs_before_kill = torch.load(last, weights_only=True)["epoch"]
     assert epochs_before_kill < EPOCHS - 1
+    resumed_run = start_training(tiny_sem_dir, killed, f"resume={killed / 'run'}")
+    finish(uninterrupted)
+    whole_run, whole = metric_histories(tmp_path / "whole" / "mlruns")
 
-    finish(start_training(tiny_sem_dir, killed, f"resume={killed / 'run'}"))
+    finish(resumed_run)
     run, resumed = metric_histories(killed / "mlruns")
     assert run.info.status == "FINISHED"
     assert run.data.tags["resumed_from"] == str(killed / "run")
