@@ -15,13 +15,13 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from sem_cls.config.predictor import is_model_uri
 from sem_cls.errors import UserError
 from sem_cls.models.loading import (
     CHECKPOINT_FILE,
     DATA_DIR,
     SETTINGS_FILE,
     download_model,
-    is_model_uri,
     load_model_folder,
     model_from_checkpoint,
     read_checkpoint,

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
-from sem_cls.config.predictor import UNCERTAIN, UNKNOWN, PredictorSettings
+from sem_cls.config.predictor import UNCERTAIN, UNKNOWN, PredictorSettings, check_exists
 from sem_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,8 @@ def score(cfg) -> Path:
         raise UserError(f"shard_rows={cfg.shard_rows} must be a whole number of 1 or more.")
     started = time.time()
     from sem_cls.archive_inputs import list_inputs, redacted_inputs
-    from sem_cls.models.loading import check_exists
     from sem_cls.score_output import ScoreOutput
-    from sem_cls.scoring import check_address, ray_session
+    from sem_cls.scoring import check_address, ray_session  # no torch: Ray starts sooner
 
     output = ScoreOutput(Path(cfg.output))
     output.check()  # each refusal before the work, so it costs nothing

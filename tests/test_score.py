@@ -359,6 +359,23 @@ def test_bad_input_is_refused_at_once(scored, tmp_path, monkeypatch, override, p
     assert not (tmp_path / "out").exists()
 
 
+def test_every_check_before_ray_runs_without_torch(scored, tmp_path):
+    """Torch loads beside Ray's start, not before it: the driver's last check before Ray (the
+    model is there) answers in an interpreter where importing torch fails."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch before Ray')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    missing = tmp_path / "missing.ckpt"
+    command = [
+        sys.executable, str(ROOT / "score.py"), f"ckpt_path={missing}",
+        f"inputs={scored['archive']}", f"output={tmp_path / 'out'}",
+        f"paths.mlruns_dir={tmp_path / 'mlruns'}", f"paths.log_dir={tmp_path / 'logs'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert_user_error(result, f"ckpt_path={missing} does not exist")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def s3_store(monkeypatch):
     """An S3 server on loopback in this process, the AWS variables set for it: its host:port."""

@@ -1,17 +1,33 @@
 """How a trained model is applied: one record shared by predict, the page, the MLflow model and
 eval's per-image predictions, so every surface accepts and refuses the same values, and the one
-decision those settings govern (prediction_rows: a class, `uncertain` or `unknown`)."""
+decision those settings govern (prediction_rows: a class, `uncertain` or `unknown`); and what
+names a model (a .ckpt file, a model folder, an MLflow model URI)."""
 
 import math
 import re
 from dataclasses import dataclass, fields
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from sem_cls.errors import UserError
 
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
 UNCERTAIN = "uncertain"
 UNKNOWN = "unknown"  # unlike the training images (sem_cls.models.novelty)
+
+
+def is_model_uri(reference) -> bool:
+    return str(reference).startswith(MODEL_URI_SCHEMES)
+
+
+def check_exists(reference, option: str = "ckpt_path") -> None:
+    """A reference that names a local file or folder names one that exists (a model URI is
+    checked by loading it)."""
+    if not is_model_uri(reference) and not Path(reference).exists():
+        raise UserError(
+            f"{option}={reference} does not exist. Point it at a .ckpt file from training."
+        )
 
 
 class Engine(StrEnum):

@@ -17,30 +17,17 @@ from pathlib import Path
 
 import torch
 
+from sem_cls.config.predictor import check_exists, is_model_uri
 from sem_cls.errors import UserError
 from sem_cls.models.model import SEMModel
 
 log = logging.getLogger(__name__)
 
-MODEL_URI_SCHEMES = ("models:/", "runs:/")
 # An MLflow model logged by training: <model>/data/sem_cls_model/{checkpoint.ckpt,settings.json}
 DATA_DIR = "sem_cls_model"
 CHECKPOINT_FILE, SETTINGS_FILE = "checkpoint.ckpt", "settings.json"
 # Buffers of SEMModel that checkpoints from before calibration and novelty lack.
 FITTED_BUFFERS = ("temperature", "novelty_references", "novelty_threshold")
-
-
-def is_model_uri(reference) -> bool:
-    return str(reference).startswith(MODEL_URI_SCHEMES)
-
-
-def check_exists(reference, option: str = "ckpt_path") -> None:
-    """A reference that names a local file or folder names one that exists (a model URI is
-    checked by loading it)."""
-    if not is_model_uri(reference) and not Path(reference).exists():
-        raise UserError(
-            f"{option}={reference} does not exist. Point it at a .ckpt file from training."
-        )
 
 
 def read_checkpoint(path: Path, option: str = "ckpt_path") -> dict:
