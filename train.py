@@ -79,7 +79,7 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
 
     if OmegaConf.select(cfg, "logger.mlflow.log_model", default=False):
         # runs:/<id>/model, and models:/<name>@<alias> with registry.name
-        log_best_model(trainer, datamodule, cfg.get("registry"))
+        log_best_model(trainer, datamodule, cfg.get("registry"), cfg.data.get("engine_dir"))
     print_summary(trainer.loggers, {k: v for k, v in metrics.items() if "/" in k}, cfg)
     return metrics
 

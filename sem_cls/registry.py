@@ -193,10 +193,34 @@ def _register(client, name: str, info, logger) -> str:
     return version.version
 
 
-def log_best_model(trainer, datamodule, registry=None) -> list[str]:
+def _conversion_to_carry(model: SEMModel, engine, engine_dir) -> list[Path]:
+    """The converted backbone's files for the MLflow model to carry, so that no load of it
+    converts (where OpenVINO runs it: `auto` on a CPU). A run whose features were not cached ran
+    no OpenVINO engine: the backbone is converted here, once per machine in `engine_dir`, which
+    the next such run reuses."""
+    if engine is not None and engine.name == "openvino":
+        return engine.files  # converted once, in training
+    if engine is not None or not (model.frozen and engine_dir):
+        return []
+    from sem_cls.data.features import weights_digest
+    from sem_cls.models.engines import cached_conversion, resolve_engine
+
+    device = next(model.backbone.parameters()).device  # a GPU run's: loads convert, as before
+    if resolve_engine("auto", device, frozen=True)[0] != "openvino":
+        return []
+    try:
+        weights = weights_digest(model.backbone)
+        return cached_conversion(model.backbone, model.data_config, engine_dir, weights)
+    except UserError as err:  # each load then runs the backbone as it can, and says so
+        log.warning("The MLflow model carries no converted backbone: %s", err)
+        return []
+
+
+def log_best_model(trainer, datamodule, registry=None, engine_dir=None) -> list[str]:
     """Log the best checkpoint as MLflow model `model` of each MLflow run of `trainer`, with
     the preprocessing it was trained with (the model's info-bar mode, the datamodule's
-    settings and feature engine); with
+    settings and feature engine) and the converted backbone (from `engine_dir` where training
+    converted none); with
     `registry.name`, register it as a new version and point `registry.alias` at it. Returns the
     URIs to load it by."""
     import mlflow
@@ -224,6 +248,7 @@ def log_best_model(trainer, datamodule, registry=None) -> list[str]:
         "checkpoint": Path(best).name,
     }
     example = _input_example(datamodule)
+    conversion = _conversion_to_carry(model, engine, engine_dir)
     uris = []
     for logger in loggers:
         uri = logger.experiment.tracking_uri
@@ -231,9 +256,8 @@ def log_best_model(trainer, datamodule, registry=None) -> list[str]:
             data = Path(tmp) / DATA_DIR
             data.mkdir()
             shutil.copyfile(best, data / CHECKPOINT_FILE)
-            if settings["engine"] == "openvino":  # converted once, in training; not on load
-                for part in engine.files:
-                    shutil.copyfile(part, data / part.name)
+            for part in conversion:
+                shutil.copyfile(part, data / part.name)
             (data / SETTINGS_FILE).write_text(
                 json.dumps({**settings, "trained_run_id": logger.run_id}, indent=2)
             )

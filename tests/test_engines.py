@@ -129,6 +129,23 @@ def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatc
         create_engine("openvino", other, lite0.data_config, False, cache)  # other weights: new key
 
 
+def test_a_model_trained_without_the_feature_cache_carries_the_machines_conversion(
+    lite0, openvino_engine, monkeypatch
+):
+    """A run whose features were not cached ran no OpenVINO engine: its MLflow model takes the
+    conversion from engine_dir, made there once, so neither the next such run nor a load of the
+    model converts the backbone again."""
+    from sem_cls.registry import _conversion_to_carry
+
+    engine, cache = openvino_engine
+    monkeypatch.setattr(engines.import_openvino(), "convert_model", None)  # converting fails
+    carried = _conversion_to_carry(lite0, None, cache)
+    assert [p.name for p in carried] == [f"{engine.key}{s}" for s in (".xml", ".bin", ".json")]
+    assert all(p.parent == cache for p in carried)
+    assert _conversion_to_carry(lite0, engine, None) == engine.files  # converted in training
+    assert _conversion_to_carry(lite0, None, None) == []  # no engine_dir: a load converts
+
+
 @pytest.mark.parametrize(
     "damage",
     [

@@ -186,7 +186,7 @@ class OpenVINOEngine:
         elif backbone is None:
             raise ValueError(f"No cached OpenVINO model {self.key} in {cache_dir} to run.")
         else:
-            model = self._converted(ov, backbone, cache_dir)
+            model = convert_backbone(ov, backbone, self.input_size, self.key, cache_dir)
             xml = cached_model(cache_dir, self.key)
         # The cached .xml, .bin and .json, which an MLflow model carries along; none uncached.
         suffixes = (".xml", ".bin", ".json") if xml else ()
@@ -231,40 +231,6 @@ class OpenVINOEngine:
             [255 * value for value in data_config["mean"]]
         ).scale([255 * value for value in data_config["std"]]).convert_layout(ov.Layout("NCHW"))
         return ppp.build()
-
-    def _converted(self, ov, backbone: nn.Module, cache_dir: Path | None):
-        """The backbone converted, and written to the cache with the record of its files."""
-        log.info("Converting the backbone with OpenVINO (once per backbone and weights)")
-        example = torch.zeros(1, *self.input_size)
-        try:
-            with torch.no_grad():
-                model = ov.convert_model(backbone.eval(), example_input=example)
-        except Exception as err:  # noqa: BLE001 -- the converter raises many kinds
-            raise UserError(
-                f"OpenVINO could not convert this backbone ({type(err).__name__}: "
-                f"{str(err)[:300]}). Set data.engine=torch."
-            ) from err
-        # Any batch size; the weights stay f32 on disk, the precision is chosen at compile time.
-        model.reshape([-1, *self.input_size])
-        if cache_dir:
-            xml = cache_dir / f"{self.key}.xml"
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            partial = cache_dir / f"{self.key}.partial-{os.getpid()}.xml"
-            record = partial.with_suffix(".json")
-            try:
-                ov.save_model(model, partial, compress_to_fp16=False)
-                files = {".xml": partial, ".bin": partial.with_suffix(".bin")}
-                digests = {suffix: _file_digest(path) for suffix, path in files.items()}
-                record.write_text(json.dumps({"key": self.key, **digests}))
-                # The record last: it is what makes the entry trusted.
-                for suffix, path in files.items():
-                    os.replace(path, xml.with_suffix(suffix))
-                os.replace(record, xml.with_suffix(".json"))
-            finally:
-                for path in (partial, partial.with_suffix(".bin"), record):
-                    path.unlink(missing_ok=True)
-            log.info("OpenVINO model cached: %s", xml)
-        return model
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
@@ -323,6 +289,53 @@ def create_engine(
     if weights is None:
         weights = weights_digest(backbone)
     return OpenVINOEngine(backbone, data_config, bf16, cache_dir, weights, threads)
+
+
+def convert_backbone(ov, backbone: nn.Module, input_size, key: str, cache_dir: Path | None):
+    """The backbone converted (an OpenVINO model taking (B, 3, H, W) of `input_size`), and
+    written to `cache_dir` as entry `key` with the record of its files."""
+    log.info("Converting the backbone with OpenVINO (once per backbone and weights)")
+    example = torch.zeros(1, *input_size)
+    try:
+        with torch.no_grad():
+            model = ov.convert_model(backbone.eval(), example_input=example)
+    except Exception as err:  # noqa: BLE001 -- the converter raises many kinds
+        raise UserError(
+            f"OpenVINO could not convert this backbone ({type(err).__name__}: "
+            f"{str(err)[:300]}). Set data.engine=torch."
+        ) from err
+    # Any batch size; the weights stay f32 on disk, the precision is chosen at compile time.
+    model.reshape([-1, *input_size])
+    if cache_dir:
+        xml = cache_dir / f"{key}.xml"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = cache_dir / f"{key}.partial-{os.getpid()}.xml"
+        record = partial.with_suffix(".json")
+        try:
+            ov.save_model(model, partial, compress_to_fp16=False)
+            files = {".xml": partial, ".bin": partial.with_suffix(".bin")}
+            digests = {suffix: _file_digest(path) for suffix, path in files.items()}
+            record.write_text(json.dumps({"key": key, **digests}))
+            # The record last: it is what makes the entry trusted.
+            for suffix, path in files.items():
+                os.replace(path, xml.with_suffix(suffix))
+            os.replace(record, xml.with_suffix(".json"))
+        finally:
+            for path in (partial, partial.with_suffix(".bin"), record):
+                path.unlink(missing_ok=True)
+        log.info("OpenVINO model cached: %s", xml)
+    return model
+
+
+def cached_conversion(backbone: nn.Module, data_config: dict, cache_dir: Path, weights: str):
+    """The converted backbone's .xml, .bin and .json in `cache_dir`, converted there first where
+    it has no whole entry; nothing compiled (for an MLflow model to carry them)."""
+    architecture = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
+    key = converted_model_key(architecture, weights, tuple(data_config["input_size"]))
+    cache_dir = Path(cache_dir)
+    if cached_model(cache_dir, key) is None:
+        convert_backbone(import_openvino(), backbone, data_config["input_size"], key, cache_dir)
+    return [cache_dir / f"{key}{suffix}" for suffix in (".xml", ".bin", ".json")]
 
 
 class FeatureExtractor:
