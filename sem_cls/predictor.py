@@ -31,14 +31,8 @@ from sem_cls.data.samples import eval_preprocessing
 from sem_cls.data.scale import read_scale
 from sem_cls.data.workers import worker_init_fn
 from sem_cls.errors import UserError
-from sem_cls.models.engines import (
-    OpenVINOEngine,
-    TorchEngine,
-    cached_model,
-    converted_model_key,
-    create_engine,
-    resolve_engine,
-)
+from sem_cls.models.conversion import cached_model, converted_model_key
+from sem_cls.models.engines import OpenVINOEngine, TorchEngine, create_engine, resolve_engine
 from sem_cls.models.loading import load_model
 from sem_cls.models.model import SEMModel
 

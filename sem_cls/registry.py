@@ -203,7 +203,8 @@ def _conversion_to_carry(model: SEMModel, engine, engine_dir) -> list[Path]:
     if engine is not None or not (model.frozen and engine_dir):
         return []
     from sem_cls.data.features import weights_digest
-    from sem_cls.models.engines import cached_conversion, resolve_engine
+    from sem_cls.models.conversion import cached_conversion
+    from sem_cls.models.engines import resolve_engine
 
     device = next(model.backbone.parameters()).device  # a GPU run's: loads convert, as before
     if resolve_engine("auto", device, frozen=True)[0] != "openvino":

@@ -17,7 +17,7 @@ from sem_cls.data.datamodule import SEMDataModule
 from sem_cls.data.features import FeatureCache
 from sem_cls.data.samples import normalised
 from sem_cls.errors import UserError
-from sem_cls.models import engines
+from sem_cls.models import conversion, engines
 from sem_cls.models.build import build_model
 from sem_cls.models.classifier import SEMClassifier
 from sem_cls.models.engines import OpenVINOEngine, TorchEngine, create_engine, native_bf16
@@ -114,7 +114,7 @@ def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatc
     assert sorted(p.name for p in cache.iterdir()) == [
         f"{engine.key}{suffix}" for suffix in (".bin", ".json", ".xml")
     ]
-    ov = engines.import_openvino()
+    ov = conversion.import_openvino()
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again although it is cached")
@@ -138,7 +138,7 @@ def test_a_model_trained_without_the_feature_cache_carries_the_machines_conversi
     from sem_cls.registry import _conversion_to_carry
 
     engine, cache = openvino_engine
-    monkeypatch.setattr(engines.import_openvino(), "convert_model", None)  # converting fails
+    monkeypatch.setattr(conversion.import_openvino(), "convert_model", None)  # converting fails
     carried = _conversion_to_carry(lite0, None, cache)
     assert [p.name for p in carried] == [f"{engine.key}{s}" for s in (".xml", ".bin", ".json")]
     assert all(p.parent == cache for p in carried)
@@ -165,7 +165,7 @@ def test_a_damaged_or_foreign_converted_model_is_converted_again(tmp_path, damag
     xml = tmp_path / f"{engine.key}.xml"
     damage(xml)
     again = create_engine("openvino", backbone, config, False, tmp_path)
-    assert engines.cached_model(tmp_path, engine.key) == xml, "rebuilt and recorded"
+    assert conversion.cached_model(tmp_path, engine.key) == xml, "rebuilt and recorded"
     assert cosine_similarity(again(images), expected).min() >= 0.9999
 
 

@@ -2,19 +2,15 @@
 hands them over -> (B, num_features), normalising the whole batch where the backbone runs.
 
 `torch` runs the timm module itself (bf16 autocast if asked), on whatever device it sits.
-`openvino` runs it converted once by OpenVINO into `<cache_dir>/<key>.xml/.bin` (with
-`<key>.json`, which vouches for both), keyed by architecture, weights and input size, shared by
-every run and entry point on the machine, and compiled for this CPU: bf16 where the CPU has it
+`openvino` runs it converted once by OpenVINO (cached on disk, sem_cls.models.conversion) and
+compiled for this CPU: bf16 where the CPU has it
 (AVX512-BF16/AMX), f32 elsewhere. `auto`, the default, is OpenVINO for a wholly frozen backbone
 on one CPU process (measured faster on every CPU tried, docs/performance.md) and torch for GPUs,
 fine-tuning and DDP.
 """
 
 import functools
-import hashlib
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,12 @@ from torch import nn
 from sem_cls.data.features import FeatureCache, weights_digest
 from sem_cls.data.samples import normalised
 from sem_cls.errors import UserError
+from sem_cls.models.conversion import (
+    cached_model,
+    convert_backbone,
+    converted_model_key,
+    import_openvino,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,51 +49,6 @@ def resolve_engine(
     except ImportError as err:
         return "torch", f"auto: OpenVINO cannot be imported ({err})"
     return "openvino", "auto: a frozen backbone on the CPU, where OpenVINO is the faster engine"
-
-
-def converted_model_key(architecture: str, weights: str, input_size) -> str:
-    """The cache key of a converted backbone: architecture, weights digest, input size and the
-    OpenVINO version that converted it."""
-    from importlib.metadata import version
-
-    description = {
-        "architecture": architecture,
-        "weights": weights,
-        "input_size": list(input_size),
-        "openvino": version("openvino").split("-")[0],
-    }
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _file_digest(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def cached_model(cache_dir: str | Path | None, key: str) -> Path | None:
-    """The converted model's .xml under `cache_dir` when its entry is whole and is what its
-    .json says (key and both files' sha256); None otherwise. A damaged or foreign entry is
-    never trusted: it is converted again and replaced."""
-    if not cache_dir:
-        return None
-    xml = Path(cache_dir) / f"{key}.xml"
-    record = xml.with_suffix(".json")
-    if not record.is_file():
-        if xml.exists():
-            log.warning("OpenVINO cache entry %s has no record of its files: converted again.", xml)
-        return None
-    try:
-        expected = json.loads(record.read_text())
-        ok = expected.get("key") == key and all(
-            expected.get(path.suffix) == _file_digest(path)
-            for path in (xml, xml.with_suffix(".bin"))
-        )
-    except (OSError, ValueError, AttributeError):
-        ok = False
-    if not ok:
-        log.warning("OpenVINO cache entry %s is damaged or not this model's: converted again.", xml)
-        return None
-    return xml
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -252,18 +209,6 @@ def openvino_core():
     return import_openvino().Core()
 
 
-def import_openvino():
-    try:
-        import openvino
-    except ImportError as err:
-        raise UserError(
-            f"data.engine=openvino, but OpenVINO cannot be imported ({err}). Install the pinned "
-            "version from requirements.txt (pip install -r requirements.txt) or set "
-            "data.engine=torch."
-        ) from err
-    return openvino
-
-
 def create_engine(
     kind: str,
     backbone: nn.Module,
@@ -289,53 +234,6 @@ def create_engine(
     if weights is None:
         weights = weights_digest(backbone)
     return OpenVINOEngine(backbone, data_config, bf16, cache_dir, weights, threads)
-
-
-def convert_backbone(ov, backbone: nn.Module, input_size, key: str, cache_dir: Path | None):
-    """The backbone converted (an OpenVINO model taking (B, 3, H, W) of `input_size`), and
-    written to `cache_dir` as entry `key` with the record of its files."""
-    log.info("Converting the backbone with OpenVINO (once per backbone and weights)")
-    example = torch.zeros(1, *input_size)
-    try:
-        with torch.no_grad():
-            model = ov.convert_model(backbone.eval(), example_input=example)
-    except Exception as err:  # noqa: BLE001 -- the converter raises many kinds
-        raise UserError(
-            f"OpenVINO could not convert this backbone ({type(err).__name__}: "
-            f"{str(err)[:300]}). Set data.engine=torch."
-        ) from err
-    # Any batch size; the weights stay f32 on disk, the precision is chosen at compile time.
-    model.reshape([-1, *input_size])
-    if cache_dir:
-        xml = cache_dir / f"{key}.xml"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = cache_dir / f"{key}.partial-{os.getpid()}.xml"
-        record = partial.with_suffix(".json")
-        try:
-            ov.save_model(model, partial, compress_to_fp16=False)
-            files = {".xml": partial, ".bin": partial.with_suffix(".bin")}
-            digests = {suffix: _file_digest(path) for suffix, path in files.items()}
-            record.write_text(json.dumps({"key": key, **digests}))
-            # The record last: it is what makes the entry trusted.
-            for suffix, path in files.items():
-                os.replace(path, xml.with_suffix(suffix))
-            os.replace(record, xml.with_suffix(".json"))
-        finally:
-            for path in (partial, partial.with_suffix(".bin"), record):
-                path.unlink(missing_ok=True)
-        log.info("OpenVINO model cached: %s", xml)
-    return model
-
-
-def cached_conversion(backbone: nn.Module, data_config: dict, cache_dir: Path, weights: str):
-    """The converted backbone's .xml, .bin and .json in `cache_dir`, converted there first where
-    it has no whole entry; nothing compiled (for an MLflow model to carry them)."""
-    architecture = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
-    key = converted_model_key(architecture, weights, tuple(data_config["input_size"]))
-    cache_dir = Path(cache_dir)
-    if cached_model(cache_dir, key) is None:
-        convert_backbone(import_openvino(), backbone, data_config["input_size"], key, cache_dir)
-    return [cache_dir / f"{key}{suffix}" for suffix in (".xml", ".bin", ".json")]
 
 
 class FeatureExtractor:
