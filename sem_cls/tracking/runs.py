@@ -140,6 +140,9 @@ def log_run_context(
         return
     data_files = write_data_files(Path(cfg.paths.output_dir) / "data", manifest, ingested)
     environment = write_environment(Path(cfg.paths.output_dir) / "environment")
+    loggers = mlflow_loggers(loggers)
+    if not loggers:  # untracked: the files above are the record (and MLflow is not imported)
+        return
     tags = {
         **git_state(Path(cfg.paths.root_dir)),
         "data_dir": str(manifest.root),
@@ -147,7 +150,7 @@ def log_run_context(
         **{f"{name}_version": metadata.version(name) for name in ("torch", "lightning", "timm")},
         **sweep_tags(cfg),  # sweep_id, sweep_job, sweep_overrides in a multirun
     }
-    for logger in mlflow_loggers(loggers):
+    for logger in loggers:
         mark_model_training(logger)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         for key, value in tags.items():
