@@ -130,7 +130,7 @@ def test_converted_model_is_cached_and_reused(lite0, openvino_engine, monkeypatc
 
 
 def test_a_model_trained_without_the_feature_cache_carries_the_machines_conversion(
-    lite0, openvino_engine, monkeypatch
+    lite0, openvino_engine, monkeypatch, tmp_path, caplog
 ):
     """A run whose features were not cached ran no OpenVINO engine: its MLflow model takes the
     conversion from engine_dir, made there once, so neither the next such run nor a load of the
@@ -144,6 +144,10 @@ def test_a_model_trained_without_the_feature_cache_carries_the_machines_conversi
     assert all(p.parent == cache for p in carried)
     assert _conversion_to_carry(lite0, engine, None) == engine.files  # converted in training
     assert _conversion_to_carry(lite0, None, None) == []  # no engine_dir: a load converts
+    # A backbone OpenVINO cannot convert: the model is logged without it, and the log says why.
+    assert _conversion_to_carry(lite0, None, tmp_path) == []
+    assert "carries no converted backbone" in caplog.text and "could not convert" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left in engine_dir
 
 
 @pytest.mark.parametrize(
