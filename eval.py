@@ -36,6 +36,12 @@ def external_folders(folders: list[str]) -> dict[str, Path]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    from sem_cls.config.predictor import check_exists
+    from sem_cls.data.ingest import require_data_folder
+
+    # A checkpoint or data folder that is not there is refused before the heavy imports.
+    check_exists(cfg.ckpt_path)
+    require_data_folder(cfg.data)
     import lightning as L
 
     from sem_cls.data.datamodule import SEMDataModule

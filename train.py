@@ -88,7 +88,7 @@ def train(cfg: DictConfig, resume_from: Path | None = None) -> dict[str, float]:
 @exits_on_user_error
 def main(cfg: DictConfig) -> float | None:
     # Hydra composed cfg and checked it (sem_cls.config.schema.ConfigCheck) before this runs.
-    from sem_cls.stopping import ends_recorded
+    from sem_cls.data.ingest import require_data_folder
 
     resume_from = None
     if cfg.get("resume") or cfg.get("reproduce"):
@@ -100,6 +100,9 @@ def main(cfg: DictConfig) -> float | None:
         checkpoint = resume_from and last_checkpoint(resume_from)
         if checkpoint:
             read_checkpoint(checkpoint, option=f"resume={resume_from}: checkpoint")
+    require_data_folder(cfg.data)  # before torch and Lightning load
+    from sem_cls.stopping import ends_recorded
+
     with ends_recorded(cfg):  # a signal or error ends the MLflow run KILLED or FAILED
         metrics = train(cfg, resume_from)
     return metrics.get(cfg.get("optimized_metric"))

@@ -1,5 +1,6 @@
-"""How long a command takes to answer: a mistyped key, a bad value, --help, and classifying one
-image end to end, against `python -c "import torch"` on the same machine.
+"""How long a command takes to answer: a mistyped key, a bad value, --help, a data folder that
+is not there, and classifying one image end to end, against `python -c "import torch"` on the
+same machine.
 
     python bench/startup.py [--ckpt logs/demo/runs/<time>/checkpoints/epoch_004.ckpt]
                             [--image a.jpg] [--runs 5]
@@ -95,6 +96,8 @@ def main() -> None:
             "python train.py data.batch_size=0": (
                 [python, "train.py", "data.batch_size=0", *outputs], 2),
             "python train.py --help": ([python, "train.py", "--help"], 0),
+            "python train.py data.data_dir=<missing>": (
+                [python, "train.py", f"data.data_dir={work / 'missing'}", *outputs], 2),
             "python -m sem_cls.predict (one image, demo model)": (
                 [python, "-m", "sem_cls.predict", f"ckpt_path={ckpt}", f"inputs={image}",
                  f"output={work / 'predictions.csv'}", cache, *outputs], 0),

@@ -126,7 +126,7 @@ def test_resume_refuses_a_last_checkpoint_carrying_code(tiny_sem_dir, tmp_path):
 def test_eval_and_predict_refuse_a_folder_as_checkpoint(tmp_path):
     folder = tmp_path / "run"
     (folder / "checkpoints").mkdir(parents=True)
-    result = run("eval.py", f"ckpt_path={folder}", tmp_path=tmp_path)
+    result = run("eval.py", f"ckpt_path={folder}", f"data.data_dir={tmp_path}", tmp_path=tmp_path)
     assert_user_error(result, f"ckpt_path={folder} is a folder")
     assert no_mlflow_run(tmp_path)
     image = tmp_path / "a.png"

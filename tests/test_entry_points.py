@@ -11,6 +11,7 @@ from tests.helpers import ROOT, assert_user_error, run_in_process
 from tests.helpers import run_entry_point as run
 
 HEAVY = ("torch", "lightning", "mlflow", "timm")
+MISSING = "/nonexistent/sem-cls"
 
 
 def run_module(module: str, *overrides: str, tmp_path) -> subprocess.CompletedProcess:
@@ -27,17 +28,22 @@ def run_module(module: str, *overrides: str, tmp_path) -> subprocess.CompletedPr
 @pytest.mark.parametrize(
     ("target", "override", "named"),
     [
-        ("train.py", "model.optimizer.lrr=0.1", "model.optimizer.lrr"),
-        ("train.py", "data.batch_size=0", "data.batch_size=0"),
-        ("eval.py", "data.num_workers=1", "ckpt_path"),
+        ("train.py", "model.optimizer.lrr=0.1", ["model.optimizer.lrr"]),
+        ("train.py", "data.batch_size=0", ["data.batch_size=0"]),
+        ("eval.py", "data.num_workers=1", ["ckpt_path"]),
+        # What only the file system can tell, still told before the heavy imports; a missing
+        # data folder says where to put the images and how to run the demo instead.
+        ("train.py", f"data.data_dir={MISSING}", [MISSING, "<Class>/*.jpg", "make demo"]),
+        ("eval.py", f"ckpt_path={MISSING}.ckpt", [f"ckpt_path={MISSING}.ckpt"]),
     ],
 )
 def test_a_refused_command_line_imports_no_training_stack(target, override, named, tmp_path):
     # What the interpreter holds when it exits: a refusal must not pay for torch's import.
     script = (
         "import atexit, runpy, sys\n"
-        "atexit.register(lambda: print('heavy:', [m for m in sys.argv[1].split(',') "
-        "if m in sys.modules], file=sys.stderr))\n"
+        "heavy = sys.argv[1].split(',')\n"
+        "atexit.register(lambda: print('heavy:', [m for m in heavy if m in sys.modules], "
+        "file=sys.stderr))\n"
         "path = sys.argv[2]\n"
         "sys.argv = sys.argv[2:]\n"
         "runpy.run_path(path, run_name='__main__')\n"
@@ -47,7 +53,7 @@ def test_a_refused_command_line_imports_no_training_stack(target, override, name
          f"paths.log_dir={tmp_path / 'logs'}"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
-    assert_user_error(result, named)
+    assert_user_error(result, *named)
     assert "heavy: []" in result.stderr, result.stderr[-2000:]
 
 
@@ -91,11 +97,6 @@ def test_eval_asks_for_the_checkpoint(tmp_path):
     assert_user_error(result, "ckpt_path")
 
 
-def test_missing_data_says_where_to_put_it_and_how_to_run_the_demo(tmp_path):
-    result = run("train.py", f"data.data_dir={tmp_path / 'no_such_dir'}", tmp_path=tmp_path)
-    assert_user_error(result, str(tmp_path / "no_such_dir"), "<Class>/*.jpg", "make demo")
-
-
 def test_an_override_typo_stops_before_anything_runs(tmp_path):
     result = run("train.py", "model.optimizr.lr=1e-3", tmp_path=tmp_path)
     assert_user_error(result, "model.optimizr.lr")
@@ -114,7 +115,10 @@ def test_unavailable_pretrained_weights_stop_the_run(tiny_sem_dir, tmp_path):
 def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     bogus = tmp_path / "model.ckpt"
     bogus.write_text("not a checkpoint")
-    result = run_in_process("eval.py", f"ckpt_path={bogus}", tmp_path=tmp_path)
+    # A data folder that is there (empty): the checkpoint is what is refused.
+    result = run_in_process(
+        "eval.py", f"ckpt_path={bogus}", f"data.data_dir={tmp_path}", tmp_path=tmp_path
+    )
     assert_user_error(result, str(bogus), "not a sem-cls checkpoint")
 
 

@@ -361,12 +361,20 @@ def ingest_folder(data, folder: Path | str | None = None) -> Ingest:
                 f"{err} To train on {data_dir} as it is, add data.synthetic=null; "
                 "to generate the built-in set, give another data.data_dir."
             ) from None
-    try:
-        result = ingest(data_dir, **settings)
-    except DataNotFoundError as err:
-        raise DataNotFoundError(f"{err} {data.get('missing_hint') or ''}".strip()) from None
+    require_data_folder(data)
+    result = ingest(data_dir, **settings)
     print(f"Ingest of {data_dir}: {result.summary()}")
     return result
+
+
+def require_data_folder(data) -> None:
+    """Refuse a `data.data_dir` that is not a folder, unless `data.synthetic` generates it,
+    with `data.missing_hint`. It needs no torch: entry points call it before their heavy
+    imports, so a missing folder is refused in a second."""
+    data_dir = Path(data.data_dir)
+    if not data.get("synthetic") and not data_dir.is_dir():
+        hint = data.get("missing_hint") or ""
+        raise DataNotFoundError(f"Data folder {data_dir} does not exist. {hint}".strip())
 
 
 def write_data_files(folder: Path, manifest, ingested: Ingest) -> Path:
