@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from sem_cls.config.schema import check_config
 from sem_cls.errors import UserError, exits_on_user_error
+from sem_cls.tracking.store import store_not_created
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,6 +79,9 @@ def compare(argv: list[str]) -> "pd.DataFrame":
     options, overrides = parse(argv)
     cfg = train_config(overrides)
     check_config(cfg)
+    uri = cfg.logger.mlflow.tracking_uri
+    if store_not_created(uri):  # refused in a second, without creating the store
+        raise UserError(f"No run in {uri}; train one first (make demo).")
     # MLflow and pandas only for a command line that was not refused.
     import mlflow
 
@@ -85,7 +89,6 @@ def compare(argv: list[str]) -> "pd.DataFrame":
     from sem_cls.tracking import SUMMARY_TAG, runs_table, tracking_client
 
     metric = options["metric"] or cfg.optimized_metric
-    uri = cfg.logger.mlflow.tracking_uri
     client = tracking_client(uri)
     experiment = find_experiment(client, options["experiment"], overrides)
     sweep = options["sweep"]

@@ -90,6 +90,7 @@ def test_compare_names_a_store_without_runs(tmp_path):
         "sem_cls.compare", f"paths.mlruns_dir={tmp_path / 'mlruns'}", tmp_path=tmp_path
     )
     assert_user_error(result, "No run in", str(tmp_path / "mlruns"))
+    assert not (tmp_path / "mlruns").exists()  # a question creates no store
 
 
 def test_eval_asks_for_the_checkpoint(tmp_path):

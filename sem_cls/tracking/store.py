@@ -36,6 +36,18 @@ def store_lock_file(tracking_uri: str) -> Path | None:
     return Path(tempfile.gettempdir()) / f"sem-cls-mlflow-{digest}.lock"
 
 
+def store_not_created(tracking_uri: str) -> bool:
+    """Whether `tracking_uri` is a SQLite store whose database file does not exist yet: it
+    holds no run, and opening it would create it."""
+    uri = str(tracking_uri)
+    if not uri.startswith("sqlite:"):
+        return False
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return bool(database) and database != ":memory:" and not Path(database).is_file()
+
+
 @contextmanager
 def store_lock(tracking_uri: str):
     """Held while a process first opens a tracking store and creates its experiment: processes

@@ -6,21 +6,17 @@ python -m sem_cls.tracking.ui sqlite:///$PWD/mlruns/mlflow.db http://127.0.0.1:5
 """
 
 import sys
-from pathlib import Path
 
-from sem_cls.tracking.store import tracking_client
+from sem_cls.tracking.store import store_not_created, tracking_client
 
 
 def experiment_runs_urls(tracking_uri: str, ui_url: str) -> list[tuple[str, str]]:
     """(name, address) of the training runs page of every experiment in the store, as the
     MLflow UI at `ui_url` shows it; none where the SQLite store does not exist yet (opening it
     would create it)."""
-    from sqlalchemy.engine import make_url
-
-    uri = str(tracking_uri)
-    if uri.startswith("sqlite:") and not Path(make_url(uri).database).is_file():
+    if store_not_created(tracking_uri):
         return []
-    experiments = tracking_client(uri).search_experiments()
+    experiments = tracking_client(str(tracking_uri)).search_experiments()
     return [
         (e.name, f"{ui_url.rstrip('/')}/#/experiments/{e.experiment_id}/runs")
         for e in sorted(experiments, key=lambda e: e.name)
