@@ -2,6 +2,7 @@
 CPU time split into decoding and inference, from which docs/performance.md projects a node.
 
     python bench/score.py [--images 2000] [--work /tmp/sem-score-bench] [--backbone inception_v3]
+                          [--fp32]
 
 Generates `--images` SEM-like 1024x768 JPEGs and a small model (two epochs on 80 smaller images)
 once under --work, then runs both commands as a user would, one after the other. The model is
@@ -9,7 +10,7 @@ the demo's (EfficientNet-Lite0, ImageNet weights), or with `--backbone inception
 config's frozen InceptionV3 with random weights (model.pretrained=false): weights do not change
 the speed, and ImageNet's cannot be downloaded everywhere. score.py runs in a network and PID
 namespace of its own (unshare, as root), as in the tests: Ray there sees only loopback and ends
-with the run.
+with the run. `--fp32` runs both in fp32 (bf16=false), as on a CPU without native bf16.
 """
 
 import argparse
@@ -58,7 +59,7 @@ def timed(command: list[str], env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
-def actor_split(ckpt: Path, files: list[Path], batch_size: int = 32) -> dict:
+def actor_split(ckpt: Path, files: list[Path], bf16: bool | None, batch_size: int = 32) -> dict:
     """One actor's work in this process, as a Ray actor does it: CPU seconds per image (of all
     its threads) of reading and preparing (prepare_images) against classifying
     (score_images)."""
@@ -70,7 +71,8 @@ def actor_split(ckpt: Path, files: list[Path], batch_size: int = 32) -> dict:
 
     torch.set_num_threads(1)
     engines = os.environ.get("SEM_CLS_ENGINE_DIR", ROOT / "cache" / "engines")  # the commands'
-    predictor = Predictor.load(str(ckpt), PredictorSettings(device="cpu"), cache_dir=engines)
+    settings = PredictorSettings(device="cpu", bf16=bf16)
+    predictor = Predictor.load(str(ckpt), settings, cache_dir=engines)
     from sem_cls.scoring import prepare_images
 
     prepare = dict(
@@ -104,6 +106,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/sem-score-bench"))
     parser.add_argument("--split-images", type=int, default=256, help="for the actor's CPU split")
     parser.add_argument("--backbone", help="a conf/model name, random weights (default: the demo)")
+    parser.add_argument("--fp32", action="store_true", help="bf16=false for both commands")
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -115,6 +118,7 @@ def main() -> None:
     files = sorted(p for p in images.rglob("*.jpg"))
     ckpt = trained_model(work, args.backbone)
     common = [f"paths.log_dir={work / 'logs'}", f"paths.mlruns_dir={work / 'mlruns'}"]
+    common += ["bf16=false"] if args.fp32 else []
 
     # A fresh folder per run: nothing already under --work is replaced or removed.
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
@@ -147,10 +151,11 @@ def main() -> None:
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
-    split = actor_split(ckpt, files[: args.split_images])
+    split = actor_split(ckpt, files[: args.split_images], False if args.fp32 else None)
     per_image = split["decode_cpu_s_per_image"] + split["infer_cpu_s_per_image"]
     result = {
         "model": args.backbone or "demo (tf_efficientnet_lite0)",
+        "precision": "fp32" if args.fp32 else "as trained (bf16 where native)",
         "images": len(files),
         "predict_wall_s": round(predict_s, 1),
         "predict_images_per_s": round(len(files) / predict_s, 2),
