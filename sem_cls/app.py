@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sem_cls.config.predictor import PredictorSettings
+from sem_cls.config.predictor import PredictorSettings, check_exists
 from sem_cls.errors import UserError, exits_on_user_error, run_command
 
 TABLE_HEADERS = ["image", "class", "confidence", "top classes", "uncertain", "unknown", "novelty",
@@ -218,12 +218,14 @@ def login(cfg) -> tuple[str, str] | None:
 
 
 def check_config(cfg) -> tuple[str, str] | None:
-    """Refuse a bad port, a bad setting or a missing login before anything heavy is imported;
-    the login, if one is needed."""
+    """Refuse a bad port, a bad setting, a checkpoint that is not there or a missing login
+    before anything heavy is imported; the login, if one is needed."""
     if not (isinstance(cfg.port, int) and 1 <= cfg.port <= 65535):
         raise UserError(f"port={cfg.port}: give a TCP port from 1 to 65535, e.g. port=7860.")
     PredictorSettings.from_config(cfg)
-    return login(cfg)
+    auth = login(cfg)
+    check_exists(cfg.ckpt_path)
+    return auth
 
 
 def serve(cfg) -> None:

@@ -22,9 +22,10 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 def main(cfg: DictConfig) -> None:
     # Hydra composed cfg and checked it (sem_cls.config.schema.ConfigCheck) before this runs.
     from sem_cls.data.ingest import ingest_folder, write_data_files
-    from sem_cls.data.manifest import SplitManifest
 
-    ingested = ingest_folder(cfg.data)
+    ingested = ingest_folder(cfg.data)  # a missing folder refused before torch loads
+    from sem_cls.data.manifest import SplitManifest  # torch, for its datasets
+
     manifest = SplitManifest.from_config(cfg.data, ingested)
     folder = write_data_files(Path(cfg.paths.output_dir) / "data", manifest, ingested)
     counts = Counter(row["split"] for row in manifest.rows)

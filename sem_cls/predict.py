@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from sem_cls.config.predictor import PredictorSettings
+from sem_cls.config.predictor import PredictorSettings, check_exists
 from sem_cls.errors import UserError, exits_on_user_error, run_command
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ def predict(cfg) -> Path:
     lock = output_lock(output)
     try:
         check_output(output)  # before the work, so a refusal costs nothing
+        check_exists(cfg.ckpt_path)
         from sem_cls.predictor import Predictor
 
         predictor = Predictor.load(

@@ -26,30 +26,37 @@ def run_module(module: str, *overrides: str, tmp_path) -> subprocess.CompletedPr
 
 
 @pytest.mark.parametrize(
-    ("target", "override", "named"),
+    ("target", "overrides", "named"),
     [
-        ("train.py", "model.optimizer.lrr=0.1", ["model.optimizer.lrr"]),
-        ("train.py", "data.batch_size=0", ["data.batch_size=0"]),
-        ("eval.py", "data.num_workers=1", ["ckpt_path"]),
+        ("train.py", ["model.optimizer.lrr=0.1"], ["model.optimizer.lrr"]),
+        ("train.py", ["data.batch_size=0"], ["data.batch_size=0"]),
+        ("eval.py", ["data.num_workers=1"], ["ckpt_path"]),
         # What only the file system can tell, still told before the heavy imports; a missing
         # data folder says where to put the images and how to run the demo instead.
-        ("train.py", f"data.data_dir={MISSING}", [MISSING, "<Class>/*.jpg", "make demo"]),
-        ("eval.py", f"ckpt_path={MISSING}.ckpt", [f"ckpt_path={MISSING}.ckpt"]),
+        ("train.py", [f"data.data_dir={MISSING}"], [MISSING, "<Class>/*.jpg", "make demo"]),
+        ("eval.py", [f"ckpt_path={MISSING}.ckpt"], [f"ckpt_path={MISSING}.ckpt"]),
+        ("sem_cls.ingest", [f"data.data_dir={MISSING}"], [MISSING, "make demo"]),
+        ("sem_cls.predict", [f"ckpt_path={MISSING}.ckpt", "inputs=."], [f"{MISSING}.ckpt"]),
+        ("sem_cls.app", [f"ckpt_path={MISSING}.ckpt"], [f"ckpt_path={MISSING}.ckpt"]),
     ],
 )
-def test_a_refused_command_line_imports_no_training_stack(target, override, named, tmp_path):
+def test_a_refused_command_line_imports_no_training_stack(target, overrides, named, tmp_path):
     # What the interpreter holds when it exits: a refusal must not pay for torch's import.
     script = (
         "import atexit, runpy, sys\n"
         "heavy = sys.argv[1].split(',')\n"
         "atexit.register(lambda: print('heavy:', [m for m in heavy if m in sys.modules], "
         "file=sys.stderr))\n"
-        "path = sys.argv[2]\n"
+        "target = sys.argv[2]\n"
         "sys.argv = sys.argv[2:]\n"
-        "runpy.run_path(path, run_name='__main__')\n"
+        "if target.endswith('.py'):\n"
+        "    runpy.run_path(target, run_name='__main__')\n"
+        "else:\n"
+        "    runpy.run_module(target, run_name='__main__', alter_sys=True)\n"
     )
+    target = str(ROOT / target) if target.endswith(".py") else target
     result = subprocess.run(
-        [sys.executable, "-c", script, ",".join(HEAVY), str(ROOT / target), override,
+        [sys.executable, "-c", script, ",".join(HEAVY), target, *overrides,
          f"paths.log_dir={tmp_path / 'logs'}"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
