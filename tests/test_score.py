@@ -464,7 +464,7 @@ def test_killed_run_is_completed_by_a_rerun_with_every_file_once(
 @pytest.mark.slow
 def test_two_node_cluster_with_token_authentication(scored, tmp_path, ray_tmpdir):
     ray = Path(sys.executable).with_name("ray")
-    output = tmp_path / "scores"
+    output, wrong = tmp_path / "scores", tmp_path / "wrong-token.log"
     port = 6391
     connect = (
         f"timeout 60 '{sys.executable}' -c 'import ray; ray.init(address=\"127.0.0.1:{port}\")'"
@@ -484,9 +484,11 @@ def test_two_node_cluster_with_token_authentication(scored, tmp_path, ray_tmpdir
                 "ray.actors=2",
                 "batch_size=4",
             ),
-            # The same driver with another token is turned away: authentication is on.
+            # The same driver with another token is turned away: authentication is on. One
+            # try at the GCS, where Ray would retry for 20 s (a second apart).
             f"echo right-token-exit=$({connect} >/dev/null 2>&1; echo $?)",
-            f"echo wrong-token-exit=$(RAY_AUTH_TOKEN={'0' * 64} {connect} >/dev/null 2>&1;echo $?)",
+            f"echo wrong-token-exit=$(RAY_AUTH_TOKEN={'0' * 64} "
+            f"RAY_gcs_server_port_wait_time_s=1 {connect} >'{wrong}' 2>&1; echo $?)",
         ]
     )
     result = run_namespaced(script, ray_tmpdir)
@@ -494,6 +496,7 @@ def test_two_node_cluster_with_token_authentication(scored, tmp_path, ray_tmpdir
     assert "right-token-exit=0" in result.stdout
     assert "wrong-token-exit=" in result.stdout
     assert "wrong-token-exit=0" not in result.stdout
+    assert "InvalidAuthToken" in wrong.read_text()  # refused for its token, not another reason
     scores = read_scores(output)
     assert scores["node"].nunique() == 2  # both nodes classified
     expected = scored["scores"].set_index("path")
