@@ -34,6 +34,12 @@ from sem_cls.errors import OutOfSpace, UserError, is_out_of_space
 log = logging.getLogger(__name__)
 
 
+def architecture(backbone: nn.Module) -> str:
+    """The backbone's timm architecture name (its class name for a module timm did not build):
+    with weights_digest, what identifies it in the feature and conversion caches."""
+    return backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
+
+
 def weights_digest(module: nn.Module) -> str:
     """sha256 over every parameter and buffer, by name."""
     return state_digest(module.state_dict())
@@ -194,7 +200,7 @@ class FeatureCache:
     def backbone_key(self, engine, preprocessing: dict) -> str:
         backbone = engine.backbone
         description = {
-            "architecture": backbone.pretrained_cfg.get("architecture", type(backbone).__name__),
+            "architecture": architecture(backbone),
             "weights": self.weights(backbone),
             "preprocessing": preprocessing,
             # Engines and precisions agree closely, not bit for bit.

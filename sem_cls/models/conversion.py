@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sem_cls.data.features import architecture
 from sem_cls.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,7 @@ def convert_backbone(ov, backbone: nn.Module, input_size, key: str, cache_dir: P
 def cached_conversion(backbone: nn.Module, data_config: dict, cache_dir: Path, weights: str):
     """The converted backbone's .xml, .bin and .json in `cache_dir`, converted there first where
     it has no whole entry; nothing compiled (for an MLflow model to carry them)."""
-    architecture = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
-    key = converted_model_key(architecture, weights, tuple(data_config["input_size"]))
+    key = converted_model_key(architecture(backbone), weights, tuple(data_config["input_size"]))
     cache_dir = Path(cache_dir)
     if cached_model(cache_dir, key) is None:
         convert_backbone(import_openvino(), backbone, data_config["input_size"], key, cache_dir)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sem_cls.data.features import FeatureCache, weights_digest
+from sem_cls.data.features import architecture as backbone_architecture
 from sem_cls.data.samples import normalised
 from sem_cls.errors import UserError
 from sem_cls.models.conversion import (
@@ -118,16 +119,13 @@ class OpenVINOEngine:
         `num_features` say what it is."""
         ov = import_openvino()
         core = openvino_core()
-        # bf16 only where the CPU computes it natively; elsewhere OpenVINO would emulate it.
-        native_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        if bf16 and not native_bf16:
+        if bf16 and not openvino_bf16():
             log.info("This CPU has no native bf16 (AVX512-BF16/AMX): OpenVINO runs in f32.")
-        self.precision = "bf16" if bf16 and native_bf16 else "fp32"
+        self.precision = "bf16" if bf16 and openvino_bf16() else "fp32"
         self.backbone = backbone  # what the converted model was made from; None when cached
         self.weights = weights
         if backbone is not None:
-            architecture = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
-            num_features = backbone.num_features
+            architecture, num_features = backbone_architecture(backbone), backbone.num_features
         self.num_features = num_features
         self.input_size = tuple(data_config["input_size"])
         self.key = converted_model_key(architecture, weights, self.input_size)
@@ -207,6 +205,12 @@ def openvino_core():
     Cores released in the order they were made leave it pointing at freed memory, and the next
     signal with a Python handler (Ctrl-C, a DataLoader worker's exit) crashes the process."""
     return import_openvino().Core()
+
+
+def openvino_bf16() -> bool:
+    """Whether OpenVINO computes bf16 natively on this CPU (AVX512-BF16/AMX); elsewhere it would
+    emulate it, so the engine runs f32."""
+    return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def create_engine(

@@ -18,6 +18,16 @@ def is_tracking_server(tracking_uri: str) -> bool:
     return str(tracking_uri).startswith(("http://", "https://"))
 
 
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of a SQLite store; None for other stores and an in-memory one."""
+    if not str(tracking_uri).startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(str(tracking_uri)).database
+    return Path(database) if database and database != ":memory:" else None
+
+
 def store_lock_file(tracking_uri: str) -> Path | None:
     """The lock file guarding the first use of a tracking store: beside a SQLite database, in
     the temp folder for other local stores and databases; None for a tracking server (it
@@ -26,12 +36,8 @@ def store_lock_file(tracking_uri: str) -> Path | None:
     if is_tracking_server(uri):
         return None
     if uri.startswith("sqlite:"):
-        from sqlalchemy.engine import make_url
-
-        database = make_url(uri).database
-        if not database or database == ":memory:":
-            return None
-        return Path(database).resolve().with_name(Path(database).name + ".lock")
+        database = sqlite_database(uri)
+        return database.resolve().with_name(database.name + ".lock") if database else None
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"sem-cls-mlflow-{digest}.lock"
 
@@ -39,13 +45,8 @@ def store_lock_file(tracking_uri: str) -> Path | None:
 def store_not_created(tracking_uri: str) -> bool:
     """Whether `tracking_uri` is a SQLite store whose database file does not exist yet: it
     holds no run, and opening it would create it."""
-    uri = str(tracking_uri)
-    if not uri.startswith("sqlite:"):
-        return False
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    return bool(database) and database != ":memory:" and not Path(database).is_file()
+    database = sqlite_database(tracking_uri)
+    return database is not None and not database.is_file()
 
 
 @contextmanager
