@@ -105,6 +105,13 @@ def test_eval_asks_for_the_checkpoint(tmp_path):
     assert_user_error(result, "ckpt_path")
 
 
+def test_a_data_folder_without_class_folders_says_what_to_put_there(tmp_path):
+    empty = tmp_path / "nffa"
+    (empty / "notes").mkdir(parents=True)  # there, but no <Class>/ folder with images
+    result = run_in_process("sem_cls.ingest", f"data.data_dir={empty}", tmp_path=tmp_path)
+    assert_user_error(result, str(empty), "<Class>/*.jpg", "make demo")
+
+
 def test_an_override_typo_stops_before_anything_runs(tmp_path):
     result = run("train.py", "model.optimizr.lr=1e-3", tmp_path=tmp_path)
     assert_user_error(result, "model.optimizr.lr")

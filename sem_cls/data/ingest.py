@@ -362,7 +362,10 @@ def ingest_folder(data, folder: Path | str | None = None) -> Ingest:
                 "to generate the built-in set, give another data.data_dir."
             ) from None
     require_data_folder(data)
-    result = ingest(data_dir, **settings)
+    try:
+        result = ingest(data_dir, **settings)
+    except DataNotFoundError as err:  # there, but no usable <Class>/ folder: the same hint
+        raise DataNotFoundError(f"{err} {data.get('missing_hint') or ''}".strip()) from None
     print(f"Ingest of {data_dir}: {result.summary()}")
     return result
 

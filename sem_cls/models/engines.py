@@ -119,9 +119,10 @@ class OpenVINOEngine:
         `num_features` say what it is."""
         ov = import_openvino()
         core = openvino_core()
-        if bf16 and not openvino_bf16():
+        native = openvino_bf16()
+        if bf16 and not native:
             log.info("This CPU has no native bf16 (AVX512-BF16/AMX): OpenVINO runs in f32.")
-        self.precision = "bf16" if bf16 and openvino_bf16() else "fp32"
+        self.precision = "bf16" if bf16 and native else "fp32"
         self.backbone = backbone  # what the converted model was made from; None when cached
         self.weights = weights
         if backbone is not None:
